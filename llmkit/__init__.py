@@ -1,0 +1,3 @@
+"""llmkit: pretrain, fine-tune, evaluate and use transformer language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,399 @@
+"""The Python API: one function per command, each taking its typed settings. The CLI only parses and calls these.
+
+    from llmkit.api import pretrain
+    from llmkit.config import PretrainConfig
+    pretrain(PretrainConfig(data=["corpus.txt"], output="runs/lm", objective="clm", max_steps=100))
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from llmkit import display
+from llmkit.config import (ClassifyConfig, EvaluateConfig, FinetuneConfig, PretrainConfig, TokenizeConfig,
+                           to_dict)
+from llmkit.errors import LlmkitError, UsageError
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    if not verbose:
+        transformers.utils.logging.set_verbosity_error()
+        datasets.utils.logging.set_verbosity_error()
+
+
+def _setup(cfg: Any) -> None:
+    display.configure(cfg.quiet, cfg.verbose)
+    _quiet_libraries(cfg.verbose)
+
+
+def _main_first():
+    """A context in which the main process goes first (building caches) and the others then read them."""
+    from accelerate import PartialState
+
+    return PartialState().main_process_first()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tokenize
+
+
+def tokenize(cfg: TokenizeConfig) -> dict[str, Any]:
+    """Train a tokenizer (or load one) and pre-tokenize --data into OUTPUT/data."""
+    from llmkit import data as pipeline
+    from llmkit import sources as src
+    from llmkit.tokenizer import load_tokenizer, train_tokenizer
+
+    _setup(cfg)
+    start = time.perf_counter()
+    output = Path(cfg.output)
+    if cfg.tokenizer:
+        tokenizer = load_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
+    else:
+        display.info(f"training a {cfg.tokenizer_type} tokenizer of {cfg.vocab_size} tokens on {', '.join(cfg.data)}")
+        batches = src.iter_text_batches(src.resolve(cfg.data), cfg.text_column, cfg.sample_by,
+                                        trust_remote_code=cfg.trust_remote_code)
+        tokenizer = train_tokenizer(batches, cfg.tokenizer_type, cfg.vocab_size, cfg.min_frequency, cfg.lowercase,
+                                    cfg.model_max_length)
+    trained_in = time.perf_counter() - start
+    output.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(output)
+    with display.StepProgress("tokenize", None, unit="documents") as progress:
+        done = {"docs": 0, "tokens": 0}
+
+        def advance(docs: int, tokens: int) -> None:
+            done["docs"] += docs
+            done["tokens"] += tokens
+            progress.update(done["docs"], tokens=done["tokens"])
+
+        corpus = pipeline.tokenize_corpus(cfg.data, tokenizer, eval_data=cfg.eval_data,
+                                          validation_split=cfg.validation_split if not cfg.eval_data else 0.0,
+                                          text_column=cfg.text_column, sample_by=cfg.sample_by,
+                                          max_samples=cfg.max_samples, output=output / "data",
+                                          trust_remote_code=cfg.trust_remote_code, progress=advance)
+    info = corpus.info
+    summary = {"output": str(output), "vocab_size": len(tokenizer), "documents": info["documents"],
+               "tokens": info["tokens"], "blocks": info["tokens"] // cfg.block_size, "block_size": cfg.block_size,
+               "validation_documents": info["validation_documents"], "validation_tokens": info["validation_tokens"],
+               "tokenizer_seconds": round(trained_in, 3), "tokenize_seconds": info["seconds"],
+               "tokens_per_second": info["tokens_per_second"]}
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pretrain
+
+
+def default_pretrain_lr(hidden: int, continuing: bool) -> float:
+    """Smaller models take larger steps (nanoGPT's 6x384 Shakespeare model uses 1e-3, GPT-2 small 6e-4);
+    continued pretraining starts from a good point and should not jump far from it."""
+    if continuing:
+        return 5e-5
+    return 1e-3 if hidden <= 384 else 6e-4 if hidden <= 768 else 3e-4
+
+
+def _hidden_size(model) -> int:
+    config = model.config
+    return int(getattr(config, "hidden_size", None) or getattr(config, "n_embd", 768))
+
+
+def _tokenizer_for_pretraining(cfg: PretrainConfig):
+    """--tokenizer, else the tokenizer beside pre-tokenized --data, else one trained on --data (cached)."""
+    from llmkit import data as pipeline
+    from llmkit import sources as src
+    from llmkit.tokenizer import fingerprint, load_tokenizer, train_tokenizer
+
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
+    sources = src.resolve(cfg.data)
+    for source in sources:
+        if source.kind == "tokenized":
+            beside = Path(source.name).parent
+            if (beside / "tokenizer.json").is_file():
+                return load_tokenizer(str(beside))
+            raise UsageError(f"{source.name} is pre-tokenized: pass the tokenizer it was made with (--tokenizer)")
+    kind = cfg.tokenizer_type or ("bpe" if cfg.objective == "clm" else "wordpiece")
+    key = pipeline.cache_key(kind="tokenizer", data=[s.fingerprint() for s in sources], type=kind,
+                             vocab=cfg.vocab_size, text_column=cfg.text_column, sample_by=cfg.sample_by)
+    cached = pipeline.cache_root(cfg.cache_dir) / f"tok-{key}"
+    if (cached / "tokenizer.json").is_file():
+        return load_tokenizer(str(cached))
+    display.info(f"training a {kind} tokenizer of {cfg.vocab_size} tokens on the training data "
+                 "(pass --tokenizer to use your own)")
+    tokenizer = train_tokenizer(src.iter_text_batches(sources, cfg.text_column, cfg.sample_by,
+                                                      trust_remote_code=cfg.trust_remote_code),
+                                kind, cfg.vocab_size)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with pipeline.building(cached) as tmp:
+        tokenizer.save_pretrained(tmp)
+    display.detail(f"tokenizer {fingerprint(tokenizer)} cached in {cached}")
+    return tokenizer
+
+
+def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
+    """Pretrain a fresh model of a preset size, or continue pretraining a saved one."""
+    from llmkit import data as pipeline
+    from llmkit import tasks
+    from llmkit.card import versions
+    from llmkit.tokenizer import load_tokenizer
+    from llmkit.train import TrainJob, fit
+
+    _setup(cfg)
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    continuing = cfg.model not in tasks.PRESETS
+    with _main_first():
+        if continuing:
+            model = tasks.pretrained_model(cfg.objective, cfg.model, cfg.trust_remote_code)
+            tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
+            block_size = cfg.block_size or min(512, tasks.max_positions(model) or 512)
+        else:
+            tokenizer = _tokenizer_for_pretraining(cfg)
+            block_size = cfg.block_size or tasks.PRESETS[cfg.model]["block_size"]
+            model = tasks.fresh_model(cfg.objective, cfg.model, tokenizer, layers=cfg.layers, hidden=cfg.hidden,
+                                      heads=cfg.heads, block_size=block_size, dropout=cfg.dropout)
+        tasks.check_fit(model, tokenizer, block_size)
+        corpus = pipeline.tokenize_corpus(cfg.data, tokenizer, eval_data=cfg.eval_data,
+                                          validation_split=cfg.validation_split, text_column=cfg.text_column,
+                                          sample_by=cfg.sample_by, max_samples=cfg.max_samples,
+                                          cache_dir=cfg.cache_dir, trust_remote_code=cfg.trust_remote_code)
+    train_blocks = pipeline.PackedBlocks(corpus.stream("train"), block_size)
+    eval_stream = corpus.validation_stream()
+    eval_blocks = pipeline.PackedBlocks(eval_stream, block_size) if eval_stream is not None else None
+    if eval_blocks is not None and len(eval_blocks) == 0:
+        display.info(f"[yellow]the held-out text ({eval_stream.n_tokens} tokens) is shorter than one block of "
+                     f"{block_size}: no evaluation; pass --eval-data or a larger --validation-split[/yellow]")
+        eval_blocks = None
+    if len(train_blocks) == 0:
+        raise LlmkitError(f"the training text has {corpus.info['tokens']} tokens, fewer than one block of "
+                          f"{block_size}: give more data or a smaller --block-size")
+    masking = tasks.make_masking(tokenizer, cfg.mlm_probability, cfg.whole_word_masking) \
+        if cfg.objective == "mlm" else None
+    if cfg.objective == "mlm" and tokenizer.mask_token_id is None:
+        raise LlmkitError("the tokenizer has no mask token, which mlm needs: use a BERT-style tokenizer")
+    job = TrainJob(cfg=cfg, objective=cfg.objective, model=model, tokenizer=tokenizer, train_data=train_blocks,
+                   eval_data=eval_blocks, default_learning_rate=default_pretrain_lr(_hidden_size(model), continuing),
+                   default_global_batch=32, masking=masking, tokens_per_example=block_size,
+                   record={"objective": cfg.objective, "config": to_dict(cfg), "block_size": block_size,
+                           "versions": versions(), "data_summary": {k: corpus.info.get(k) for k in
+                                                                    ("documents", "tokens", "validation_tokens")}})
+    return fit(job)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# finetune
+
+
+def default_finetune_lr(hidden: int) -> float:
+    """Small encoders want larger steps than BERT-base's 2e-5: all-MiniLM-L6-v2 (hidden 384) on SST-2 gains
+    3-6 points from 1e-4 to 2e-4 over 2e-5 (../shared/anchors/README.md)."""
+    return 1e-4 if hidden <= 384 else 5e-5 if hidden <= 768 else 2e-5
+
+
+def _classifier_inputs(cfg, tokenizer, model_positions: int | None) -> int:
+    limit = min(512, model_positions or 512, tokenizer.model_max_length or 512)
+    return min(cfg.max_length, model_positions or cfg.max_length) if cfg.max_length else limit
+
+
+def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Fine-tune a pretrained model for sequence classification."""
+    import numpy as np
+    import torch
+
+    from llmkit import data as pipeline
+    from llmkit import tasks
+    from llmkit.card import versions
+    from llmkit.tokenizer import load_tokenizer
+    from llmkit.train import TrainJob, fit
+
+    _setup(cfg)
+    torch.manual_seed(cfg.seed)
+    tasks.check_model_dir(cfg.model)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
+    if tokenizer.pad_token is None:  # GPT-style vocabularies: pad with the eos token (masked out anyway)
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.sep_token
+    positions = tasks.config_positions(cfg.model, cfg.trust_remote_code)
+    max_length = _classifier_inputs(cfg, tokenizer, positions)
+    common = dict(text_column=cfg.text_column, text_pair_column=cfg.text_pair_column, label_column=cfg.label_column,
+                  max_length=max_length, multi_label=cfg.multi_label, label_separator=cfg.label_separator,
+                  cache_dir=cfg.cache_dir, trust_remote_code=cfg.trust_remote_code)
+    with _main_first():
+        train_set, labels = pipeline.prepare_classification(cfg.data, tokenizer, None, max_samples=cfg.max_samples,
+                                                            **common)
+        if cfg.eval_data:
+            eval_set, _ = pipeline.prepare_classification(cfg.eval_data, tokenizer, labels, flag="--eval-data",
+                                                          **common)
+        elif cfg.validation_split > 0:
+            split = train_set.train_test_split(test_size=cfg.validation_split, seed=pipeline.VALIDATION_SEED)
+            train_set, eval_set = split["train"], split["test"]
+        else:
+            eval_set = None
+    problem = "multi_label_classification" if cfg.multi_label else "single_label_classification"
+    model = tasks.pretrained_model("classification", cfg.model, cfg.trust_remote_code, num_labels=len(labels.names),
+                                   id2label=labels.id2label, label2id=labels.label2id, problem_type=problem,
+                                   ignore_mismatched_sizes=True)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    tasks.check_fit(model, tokenizer)
+    weights = None
+    if cfg.class_weights:
+        weights = _class_weights(cfg.class_weights, np.asarray(train_set["labels"]), len(labels.names))
+    truncated = int(np.sum(train_set["truncated"]))
+    if truncated:
+        display.info(f"{truncated} of {len(train_set)} training texts were truncated to {max_length} tokens "
+                     "(--max-length)")
+    job = TrainJob(cfg=cfg, objective="classification", model=model, tokenizer=tokenizer,
+                   train_data=pipeline.LabeledExamples(train_set, tokenizer.pad_token_id),
+                   eval_data=pipeline.LabeledExamples(eval_set, tokenizer.pad_token_id) if eval_set else None,
+                   default_learning_rate=default_finetune_lr(_hidden_size(model)), default_global_batch=32,
+                   metric=cfg.metric, class_weights=weights, multi_label=cfg.multi_label, threshold=cfg.threshold,
+                   label_names=labels.names,
+                   record={"objective": "classification", "config": to_dict(cfg), "labels": labels.names,
+                           "max_length": max_length, "versions": versions()})
+    if not cfg.group_by_length:
+        job.train_data.lengths = lambda: None
+    return fit(job)
+
+
+def _class_weights(spec: str, labels, n_classes: int):
+    import numpy as np
+    import torch
+
+    if labels.ndim == 2:
+        raise UsageError("--class-weights applies to single-label classification, not --multi-label")
+    if spec == "auto":
+        counts = np.bincount(labels, minlength=n_classes).astype(float)
+        weights = counts.sum() / (n_classes * np.maximum(counts, 1))
+    else:
+        try:
+            weights = np.asarray([float(x) for x in spec.split(",")])
+        except ValueError:
+            raise UsageError(f"--class-weights {spec!r}: give `auto` or numbers separated by commas") from None
+        if len(weights) != n_classes or (weights <= 0).any():
+            raise UsageError(f"--class-weights needs {n_classes} positive numbers (one per class), got {spec!r}")
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# evaluate
+
+
+def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Score a model: perplexity for language models, accuracy / F1 / per-class figures for classifiers."""
+    import numpy as np
+
+    from llmkit import data as pipeline
+    from llmkit import tasks
+    from llmkit.evaluation import evaluate_model, hub_metric, softmax
+    from llmkit.tokenizer import load_tokenizer
+    from llmkit.train import make_accelerator
+
+    _setup(cfg)
+    tasks.check_model_dir(cfg.model)
+    objective = tasks.objective_of(cfg.model, cfg.trust_remote_code)
+    if not cfg.data and not cfg.eval_data:
+        raise UsageError("give the data to score: --eval-data FILE (or --data FILE with --split)")
+    tokenizer = load_tokenizer(cfg.tokenizer if hasattr(cfg, "tokenizer") and cfg.tokenizer else cfg.model,
+                               cfg.trust_remote_code)
+    accelerator, precision = make_accelerator(cfg.precision)
+    model = tasks.pretrained_model(objective, cfg.model, cfg.trust_remote_code).to(accelerator.device)
+    model = accelerator.prepare(model)
+    use_held_out = cfg.split == "validation" and not cfg.eval_data
+    data = cfg.eval_data or cfg.data
+    if objective in ("clm", "mlm"):
+        record = tasks.run_record(cfg.model)
+        block_size = cfg.block_size or record.get("block_size") or min(512, tasks.max_positions(model) or 512)
+        tasks.check_fit(accelerator.unwrap_model(model), tokenizer, block_size)
+        with _main_first():
+            corpus = pipeline.tokenize_corpus(data, tokenizer, validation_split=cfg.validation_split
+                                              if use_held_out else 0.0, text_column=cfg.text_column,
+                                              sample_by=cfg.sample_by, max_samples=cfg.max_samples,
+                                              cache_dir=cfg.cache_dir, trust_remote_code=cfg.trust_remote_code)
+        stream = corpus.validation_stream() if use_held_out else corpus.stream("train")
+        if stream is None:
+            raise LlmkitError("no held-out text to score: pass --eval-data, or --split train")
+        blocks = pipeline.PackedBlocks(stream, block_size)
+        if len(blocks) == 0:
+            raise LlmkitError(f"the text has {stream.n_tokens} tokens, fewer than one block of {block_size}: give "
+                              "more text or a smaller --block-size")
+        masking = tasks.make_masking(tokenizer, cfg.mlm_probability, False) if objective == "mlm" else None
+        metrics = evaluate_model(objective, model, blocks, accelerator, batch_size=cfg.batch_size, seed=cfg.seed,
+                                 masking=masking)
+        metrics.update(blocks=len(blocks), block_size=block_size)
+    else:
+        config = accelerator.unwrap_model(model).config
+        names = [config.id2label[i] for i in range(config.num_labels)]
+        multi = config.problem_type == "multi_label_classification"
+        labels = pipeline.LabelSpace(names, multi)
+        max_length = _classifier_inputs(cfg, tokenizer, tasks.max_positions(accelerator.unwrap_model(model)))
+        with _main_first():
+            dataset, _ = pipeline.prepare_classification(
+                data, tokenizer, labels, text_column=cfg.text_column, text_pair_column=cfg.text_pair_column,
+                label_column=cfg.label_column, max_length=max_length, multi_label=multi,
+                max_samples=cfg.max_samples, cache_dir=cfg.cache_dir, trust_remote_code=cfg.trust_remote_code,
+                flag="--eval-data" if cfg.eval_data else "--data", require_labels=False)
+        if use_held_out and cfg.validation_split > 0:
+            dataset = dataset.train_test_split(test_size=cfg.validation_split, seed=pipeline.VALIDATION_SEED)["test"]
+        examples = pipeline.LabeledExamples(dataset, tokenizer.pad_token_id or 0)
+        metrics = evaluate_model("classification", model, examples, accelerator, batch_size=cfg.batch_size,
+                                 multi_label=multi, label_names=names, return_predictions=True)
+        order, logits, predictions = metrics.pop("_predictions")
+        builtin = {"accuracy", "f1", "f1_macro", "f1_micro", "precision", "recall"}
+        for name in cfg.metric:
+            if name not in builtin and examples.has_labels:
+                metrics.update({f"{name}_{k}" if k in metrics else k: v for k, v in
+                                hub_metric(name, predictions, examples.labels_at(order)).items()})
+        if cfg.predictions and accelerator.is_main_process:
+            _write_predictions(Path(cfg.predictions), dataset, order, logits, predictions, names, multi, tokenizer)
+    metrics["precision_used"] = precision
+    if cfg.output and accelerator.is_main_process:
+        Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.output).write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def _write_predictions(path: Path, dataset, order, logits, predictions, names, multi, tokenizer) -> None:
+    import numpy as np
+
+    from llmkit.evaluation import softmax
+
+    probs = 1 / (1 + np.exp(-logits)) if multi else softmax(logits)
+    labels = dataset["labels"] if "labels" in dataset.column_names else None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        for row, index in enumerate(order):
+            entry = {"index": int(index), "text": tokenizer.decode(dataset[int(index)]["input_ids"],
+                                                                   skip_special_tokens=True)}
+            if multi:
+                entry["labels"] = [names[j] for j in np.flatnonzero(predictions[row])]
+            else:
+                entry["label"] = names[int(predictions[row])]
+                entry["score"] = float(probs[row].max())
+            if labels is not None:
+                gold = labels[int(index)]
+                entry["gold"] = [names[j] for j, v in enumerate(gold) if v] if multi else names[int(gold)]
+            f.write(json.dumps(entry) + "\n")
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# classify
+
+
+def classify(cfg: ClassifyConfig, stdin=None) -> list[dict[str, Any]]:
+    """Labels and scores for texts given as arguments, in a file, or on stdin (`-`)."""
+    from llmkit.predict import Classifier, read_texts
+
+    _setup(cfg)
+    texts = read_texts(cfg.texts, cfg.file, cfg.text_column, stdin or sys.stdin)
+    classifier = Classifier(cfg.model, precision=cfg.precision, max_length=cfg.max_length)
+    return classifier(texts, top_k=cfg.top_k, batch_size=cfg.batch_size)

@@ -1,0 +1,181 @@
+"""Crash-safe checkpoints: written to a temporary sibling, fsynced, renamed; verified before they are trusted.
+
+A checkpoint directory holds the model weights (safetensors), the optimizer and scheduler state, every RNG
+state (one file per process) and `trainer_state.json` (step, data position, best metric), plus a
+`manifest.json` with the size and SHA-256 of every file. `--resume auto` takes the newest checkpoint whose
+manifest checks out, so a checkpoint cut short by a kill is never picked. Training state is read with
+`torch.load(weights_only=True)`: no pickle from disk is ever executed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from llmkit.errors import LlmkitError, UsageError
+
+MANIFEST = "manifest.json"
+STATE = "trainer_state.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(directory: Path) -> None:
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
+        files[str(path.relative_to(directory))] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+        _fsync(path)
+    (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+    _fsync(directory / MANIFEST)
+
+
+def verify(directory: Path) -> bool:
+    manifest = directory / MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, OSError):
+        return False
+    for name, meta in files.items():
+        path = directory / name
+        if not path.is_file() or path.stat().st_size != meta["size"] or _sha256(path) != meta["sha256"]:
+            return False
+    return True
+
+
+def temporary_sibling(final: Path, create: bool = True) -> Path:
+    tmp = final.with_name(f".tmp-{final.name}")
+    if create:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    return tmp
+
+
+def commit(tmp: Path, final: Path) -> None:
+    """Add the manifest, fsync, and rename `tmp` over `final` (the old `final` goes only after the rename)."""
+    write_manifest(tmp)
+    old = final.with_name(f".old-{final.name}")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling to fill; on success it replaces `final` in one rename."""
+    tmp = temporary_sibling(final)
+    try:
+        yield tmp
+        commit(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()),
+                  key=lambda p: int(p.name[5:]))
+
+
+def find_resume_checkpoint(resume: str, run_dir: Path) -> Path:
+    """The checkpoint to resume from: the newest verified one for `auto`, else the given directory, verified."""
+    if resume == "auto":
+        for candidate in reversed(checkpoint_dirs(run_dir)):
+            if verify(candidate):
+                return candidate
+        raise UsageError(f"--resume auto found no complete checkpoint in {run_dir / 'checkpoints'}: start without "
+                         "--resume, or pass --resume PATH to a checkpoint")
+    path = Path(resume).expanduser()
+    if not (path / STATE).is_file():
+        raise UsageError(f"--resume {resume} is not a checkpoint directory (no {STATE}): pass --resume auto or a "
+                         "directory under OUTPUT/checkpoints/")
+    if not verify(path):
+        raise LlmkitError(f"checkpoint {path} is incomplete or corrupt (its files do not match manifest.json): "
+                          "resume from an earlier one, or --resume auto")
+    return path
+
+
+def prune(run_dir: Path, keep: int) -> None:
+    for old in checkpoint_dirs(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What goes into a checkpoint
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_rng(directory: Path, rank: int) -> None:
+    torch.save(rng_state(), directory / f"rng-{rank}.pt")
+
+
+def save_training_state(directory: Path, model, optimizer, scheduler, state: dict[str, Any]) -> None:
+    from safetensors.torch import save_model
+
+    save_model(model, str(directory / "model.safetensors"))
+    torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+    torch.save(scheduler.state_dict(), directory / "scheduler.pt")
+    (directory / STATE).write_text(json.dumps(state, indent=1))
+
+
+def load_training_state(directory: Path, model, optimizer, scheduler, rank: int, model_signature: str) -> dict:
+    from safetensors.torch import load_model
+
+    state = json.loads((directory / STATE).read_text())
+    if state.get("model_signature") != model_signature:
+        raise UsageError(f"checkpoint {directory} belongs to another model (different architecture or sizes): "
+                         "resume with the settings of that run, or start a new --output")
+    try:
+        load_model(model, str(directory / "model.safetensors"))
+        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+        scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
+        rng_file = directory / f"rng-{rank}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=True))
+    except (RuntimeError, OSError, ValueError, KeyError) as e:
+        raise LlmkitError(f"checkpoint {directory} could not be loaded ({str(e).splitlines()[0]}): resume from "
+                          "another checkpoint") from None
+    return state

@@ -1,0 +1,222 @@
+"""The `llmkit` command line: each command's flags are generated from its settings dataclass (so flags, recipe
+keys and the Python API cannot drift apart), merged with --recipe, validated, and handed to `llmkit.api`.
+
+Heavy libraries are imported only inside commands, so `llmkit --help` starts fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+import sys
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+
+from llmkit import config as settings
+from llmkit import display
+from llmkit.errors import LlmkitError, UsageError
+
+app = typer.Typer(name="llmkit", no_args_is_help=True, add_completion=True, pretty_exceptions_enable=False,
+                  rich_markup_mode="markdown",
+                  help="Pretrain, fine-tune, evaluate and use transformer language models.\n\n"
+                       "Every command takes flags and/or `--recipe FILE.yaml` (flags win) and `--print-config`. "
+                       "Add `--debug` anywhere for a traceback on errors.")
+
+
+def _annotation(cls: type, f: dataclasses.Field) -> tuple[Any, Any]:
+    """The Typer annotation and parameter info for one settings field."""
+    tp = settings.field_type(cls, f.name)
+    inner, is_list = settings._base_type(tp)
+    meta = f.metadata
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    help_text = meta["help"]
+    if meta.get("choices"):
+        help_text += f" One of: {', '.join(meta['choices'])}."
+    if default not in (None, [], False) and not meta.get("argument"):
+        help_text += f" [default: {default}]"
+    if meta.get("argument"):
+        return Optional[list[inner]], typer.Argument(help=help_text, show_default=False)
+    flag = "--" + f.name.replace("_", "-")
+    names = [flag] if inner is not bool else [f"{flag}/--no-{flag[2:]}"]
+    if meta.get("short"):
+        names.append(meta["short"])
+    annotation = Optional[list[inner]] if is_list else Optional[inner]
+    return annotation, typer.Option(*names, help=help_text, show_default=False)
+
+
+def command(name: str, cls: type, run: Callable[[Any], Any], show: Callable[[Any, Any], None], summary: str,
+            example: str, launchable: bool = False) -> None:
+    """Register `llmkit NAME` with one flag per field of `cls`, plus --recipe and --print-config."""
+
+    def body(**kwargs: Any) -> None:
+        recipe_path = kwargs.pop("recipe")
+        print_config = kwargs.pop("print_config")
+        recipe = settings.load_recipe(recipe_path) if recipe_path else None
+        cfg = settings.build_config(cls, recipe, kwargs, recipe_name=f"recipe {recipe_path}")
+        if print_config:
+            display.out.print(settings.to_yaml(cfg), end="", markup=False)
+            return
+        if launchable:
+            from llmkit.launch import relaunch_if_needed
+
+            if relaunch_if_needed(cfg):
+                return
+        show(cfg, run(cfg))
+
+    params = []
+    for f in dataclasses.fields(cls):
+        annotation, info = _annotation(cls, f)
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                        annotation=Annotated[annotation, info]))
+    params.append(inspect.Parameter("recipe", inspect.Parameter.KEYWORD_ONLY, default=None,
+                                    annotation=Annotated[Optional[Path], typer.Option(
+                                        "--recipe", "-r", help="A YAML recipe; its keys are the long flag names with _ "
+                                        "for -. Flags given on the command line win.")]))
+    params.append(inspect.Parameter("print_config", inspect.Parameter.KEYWORD_ONLY, default=False,
+                                    annotation=Annotated[bool, typer.Option(
+                                        "--print-config", help="Print the merged settings as YAML and stop.")]))
+    body.__signature__ = inspect.Signature(params)
+    body.__annotations__ = {p.name: p.annotation for p in params}
+    body.__doc__ = f"{summary}\n\nExample:\n\n    {example}"
+    app.command(name, help=body.__doc__, no_args_is_help=True)(body)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# How each command shows its result
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, default=str) + "\n")
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+
+
+def show_tokenize(cfg: settings.TokenizeConfig, summary: dict[str, Any]) -> None:
+    if cfg.json:
+        _print_json(summary)
+        return
+    display.table(f"tokenized into {summary['output']}", summary)
+
+
+def show_training(cfg: Any, metrics: dict[str, Any]) -> None:
+    if cfg.quiet:
+        return
+    display.table(f"finished: model saved in {cfg.output}", _scalars(metrics))
+
+
+def show_evaluate(cfg: settings.EvaluateConfig, metrics: dict[str, Any]) -> None:
+    if cfg.json:
+        _print_json(metrics)
+        return
+    display.table(f"evaluation of {cfg.model}", _scalars(metrics))
+    per_class = metrics.get("per_class")
+    if per_class:
+        from rich.table import Table
+
+        t = Table(title="per class", header_style="bold")
+        for column in ("label", "precision", "recall", "f1", "support"):
+            t.add_column(column, justify="left" if column == "label" else "right")
+        for label, row in per_class.items():
+            t.add_row(label, f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}", str(row["support"]))
+        display.out.print(t)
+    if metrics.get("confusion_matrix") and per_class:
+        names = list(per_class)
+        display.out.print("confusion matrix (rows: gold, columns: predicted): " + ", ".join(names))
+        for name, row in zip(names, metrics["confusion_matrix"]):
+            display.out.print(f"  {name:>12}  " + " ".join(f"{v:6d}" for v in row), markup=False)
+
+
+def show_classify(cfg: settings.ClassifyConfig, results: list[dict[str, Any]]) -> None:
+    for r in results:
+        if cfg.json:
+            _print_json(r)
+            continue
+        ranked = r.get("top_k") or [{"label": r["label"], "score": r["score"]}]
+        labels = "  ".join(f"{x['label']} {x['score']:.4f}" for x in ranked)
+        note = "  (truncated)" if r["truncated"] else ""
+        sys.stdout.write(f"{labels}\t{r['text']}{note}\n")
+
+
+def _api(name: str) -> Callable[[Any], Any]:
+    def run(cfg: Any) -> Any:
+        from llmkit import api
+
+        return getattr(api, name)(cfg)
+    return run
+
+
+command("tokenize", settings.TokenizeConfig, _api("tokenize"), show_tokenize,
+        "Train a tokenizer (BPE, WordPiece, Unigram) and pre-tokenize data for the other commands.",
+        "llmkit tokenize --data corpus.txt --output tok --tokenizer-type bpe --vocab-size 8192")
+command("pretrain", settings.PretrainConfig, _api("pretrain"), show_training,
+        "Pretrain a language model from scratch (size preset) or continue pretraining a saved one.",
+        "llmkit pretrain --data corpus.txt --objective clm --model tiny --max-steps 200 --output runs/lm",
+        launchable=True)
+command("finetune", settings.FinetuneConfig, _api("finetune"), show_training,
+        "Fine-tune a pretrained model for text classification.",
+        "llmkit finetune --model runs/lm --data train.tsv --eval-data dev.tsv --epochs 1 --output runs/cls",
+        launchable=True)
+command("evaluate", settings.EvaluateConfig, _api("evaluate"), show_evaluate,
+        "Score a model: perplexity for language models, accuracy, F1 and more for classifiers.",
+        "llmkit evaluate --model runs/cls --eval-data dev.tsv --json", launchable=True)
+command("classify", settings.ClassifyConfig, _api("classify"), show_classify,
+        "Label texts with a fine-tuned classifier (arguments, --file, or - for stdin).",
+        'llmkit classify "a gripping, funny film" --model runs/cls --top-k 2')
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: runs a command; known errors become one line on stderr and an exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("LLMKIT_DEBUG", "") not in ("", "0")
+    args = [a for a in args if a != "--debug"]
+    import click
+
+    try:
+        app(args=args, prog_name="llmkit", standalone_mode=False)
+    except LlmkitError as e:
+        if debug:
+            raise
+        display.err.print(f"[bold red]error:[/bold red] {e}", markup=True, highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        display.err.print("aborted")
+        sys.exit(130)
+    except click.ClickException as e:
+        if debug:
+            raise
+        command_name = next((a for a in args if not a.startswith("-")), "")
+        hint = f" (see llmkit {command_name} --help)" if command_name else " (see llmkit --help)"
+        display.err.print(f"[bold red]error:[/bold red] {e.format_message()}{hint}", soft_wrap=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        display.err.print("interrupted")
+        sys.exit(130)
+    except OSError as e:
+        if debug:
+            raise
+        import errno
+
+        if e.errno == errno.ENOSPC:
+            display.err.print(f"[bold red]error:[/bold red] no space left on the device while writing "
+                              f"{e.filename or 'output'}: free disk space or choose another --output; nothing "
+                              "finished was overwritten", soft_wrap=True)
+        else:
+            display.err.print(f"[bold red]error:[/bold red] {e.strerror or e}: {e.filename or ''} (rerun with "
+                              "--debug for details)", soft_wrap=True)
+        sys.exit(1)
+    except Exception as e:  # a bug of ours: one line, and how to see the traceback
+        if debug:
+            raise
+        display.err.print(f"[bold red]internal error:[/bold red] {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                          " (rerun with --debug for the traceback, and please report it)", soft_wrap=True,
+                          markup=True)
+        sys.exit(1)

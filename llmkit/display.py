@@ -1,0 +1,103 @@
+"""What the user sees while a command runs: a rich live display on a terminal, plain log lines elsewhere."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from rich.console import Console
+
+_state = {"quiet": False, "verbose": False}
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+
+
+def configure(quiet: bool = False, verbose: bool = False) -> None:
+    _state.update(quiet=quiet, verbose=verbose)
+
+
+def info(message: str) -> None:
+    if not _state["quiet"]:
+        err.print(message)
+
+
+def detail(message: str) -> None:
+    if _state["verbose"] and not _state["quiet"]:
+        err.print(f"[dim]{message}[/dim]")
+
+
+def live() -> bool:
+    return err.is_terminal and not _state["quiet"]
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if value == 0 or 1e-3 <= abs(value) < 1e5:
+            return f"{value:.4g}"
+        return f"{value:.3e}"
+    return str(value)
+
+
+def duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+class StepProgress:
+    """Progress of a job counted in steps (training steps, batches, documents), with live figures."""
+
+    def __init__(self, description: str, total: int | None, unit: str = "step", enabled: bool = True):
+        self.description = description
+        self.total = total
+        self.unit = unit
+        self.enabled = enabled and not _state["quiet"]
+        self.start = time.perf_counter()
+        self.figures: dict[str, Any] = {}
+        self._progress = None
+
+    def __enter__(self) -> "StepProgress":
+        if self.enabled and live():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+                TimeRemainingColumn
+
+            self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                      TextColumn("{task.fields[figures]}"), TimeElapsedColumn(), TextColumn("eta"),
+                                      TimeRemainingColumn(), console=err, transient=False)
+            self._progress.start()
+            self._task = self._progress.add_task(self.description, total=self.total, figures="")
+        return self
+
+    def update(self, done: int, log: bool = False, **figures: Any) -> None:
+        """Move to `done`; with log=True, also print a plain line when there is no live display."""
+        self.figures.update(figures)
+        text = "  ".join(f"{k} {fmt(v)}" for k, v in self.figures.items())
+        if self._progress is not None:
+            self._progress.update(self._task, completed=done, figures=text)
+        elif log and self.enabled:
+            elapsed = time.perf_counter() - self.start
+            eta = ""
+            if self.total and done:
+                eta = f"  eta {duration(elapsed / done * (self.total - done))}"
+            total = f"/{self.total}" if self.total else ""
+            err.print(f"{self.description} {self.unit} {done}{total}  {text}{eta}")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+def table(title: str, rows: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    t = Table(title=title, show_header=True, header_style="bold")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for key, value in rows.items():
+        t.add_row(key, fmt(value))
+    out.print(t)
+
+
+def is_stdout_terminal() -> bool:
+    return sys.stdout.isatty()

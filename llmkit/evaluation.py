@@ -1,0 +1,150 @@
+"""The one evaluation function (used during training and by `llmkit evaluate`) and the metrics.
+
+Each process scores a contiguous, disjoint share of the examples (no padding, no duplicates), and the sums or
+predictions are combined across processes, so 2 processes give the same numbers as 1. Masked-LM evaluation
+masks every block with a generator seeded by (seed, block index): the same seed gives the same number.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from llmkit.data import shard
+from llmkit.tasks import Masking, batch_loss
+
+EVAL_SEED_OFFSET = 7_919  # evaluation masks differ from any training epoch's masks
+
+
+@torch.no_grad()
+def evaluate_model(objective: str, model, data, accelerator, *, batch_size: int = 32, seed: int = 42,
+                   masking: Masking | None = None, max_batches: int | None = None, multi_label: bool = False,
+                   threshold: float = 0.5, label_names: list[str] | None = None,
+                   return_predictions: bool = False) -> dict[str, Any]:
+    from accelerate.utils import gather_object
+
+    model.eval()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    device = accelerator.device
+    indices = shard(len(data), rank, world)
+    if max_batches is not None:
+        indices = indices[: max_batches * batch_size]
+    lengths = data.lengths()
+    if lengths is not None:  # longest first: less padding, and memory trouble shows at once
+        indices = indices[np.argsort(-lengths[indices], kind="stable")]
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    item_count = torch.zeros((), dtype=torch.float64, device=device)
+    outputs: list[tuple[int, list[float]]] = []
+    for start in range(0, len(indices), batch_size):
+        idx = indices[start:start + batch_size]
+        batch = data.batch(idx)
+        if objective == "mlm":
+            batch["masked_ids"], batch["mlm_labels"] = masking.rows(batch["input_ids"], idx, seed + EVAL_SEED_OFFSET)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with accelerator.autocast():
+            loss, items, logits = batch_loss(objective, model, batch, multi_label=multi_label)
+        loss_sum += loss.double()
+        item_count += items.double().to(device)
+        if logits is not None:
+            outputs.extend(zip(idx.tolist(), logits.float().cpu().tolist()))
+    if world > 1:
+        loss_sum = accelerator.reduce(loss_sum, reduction="sum")
+        item_count = accelerator.reduce(item_count, reduction="sum")
+    metrics: dict[str, Any] = {}
+    if item_count.item() > 0:
+        metrics["loss"] = loss_sum.item() / item_count.item()
+    if objective in ("clm", "mlm"):
+        metrics["perplexity"] = math.exp(min(metrics.get("loss", float("nan")), 700))
+        metrics["tokens"] = int(item_count.item())
+        return metrics
+    if world > 1:
+        outputs = gather_object(outputs)
+    outputs.sort(key=lambda pair: pair[0])
+    logits = np.asarray([o[1] for o in outputs], dtype=np.float64)
+    order = np.asarray([o[0] for o in outputs], dtype=np.int64)
+    predictions = predict_from_logits(logits, multi_label, threshold)
+    labels = data.labels_at(order) if data.has_labels else None
+    if labels is not None:
+        metrics.update(classification_metrics(labels, predictions, label_names, multi_label))
+    if return_predictions:
+        metrics["_predictions"] = (order, logits, predictions)
+    return metrics
+
+
+def predict_from_logits(logits: np.ndarray, multi_label: bool, threshold: float = 0.5) -> np.ndarray:
+    if multi_label:
+        return (1 / (1 + np.exp(-logits)) >= threshold).astype(np.int64)
+    return logits.argmax(axis=-1)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _prf(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Precision, recall, F1 per class, with 0 where undefined (scikit-learn's zero_division=0)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(tp + fp > 0, tp / (tp + fp), 0.0)
+        recall = np.where(tp + fn > 0, tp / (tp + fn), 0.0)
+        f1 = np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 0.0)
+    return precision, recall, f1
+
+
+def classification_metrics(labels: np.ndarray, predictions: np.ndarray, names: list[str] | None = None,
+                           multi_label: bool = False) -> dict[str, Any]:
+    """Accuracy, macro/micro F1 and per-class precision/recall/F1 (and the confusion matrix for single-label),
+    with scikit-learn's definitions (tests compare against it)."""
+    labels = np.asarray(labels)
+    predictions = np.asarray(predictions)
+    if multi_label:
+        labels = labels.astype(np.int64)
+        n_classes = labels.shape[1]
+        tp = ((predictions == 1) & (labels == 1)).sum(axis=0).astype(float)
+        fp = ((predictions == 1) & (labels == 0)).sum(axis=0).astype(float)
+        fn = ((predictions == 0) & (labels == 1)).sum(axis=0).astype(float)
+        accuracy = float((predictions == labels).all(axis=1).mean())  # exact match (subset accuracy)
+        confusion = None
+    else:
+        n_classes = len(names) if names else int(max(labels.max(), predictions.max()) + 1)
+        confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
+        np.add.at(confusion, (labels, predictions), 1)
+        tp = np.diag(confusion).astype(float)
+        fp = confusion.sum(axis=0) - tp
+        fn = confusion.sum(axis=1) - tp
+        accuracy = float(tp.sum() / max(len(labels), 1))
+    precision, recall, f1 = _prf(tp, fp, fn)
+    present = (tp + fn > 0) | (tp + fp > 0)  # scikit-learn averages over labels present in either
+    if multi_label:
+        present = np.ones(n_classes, dtype=bool)
+    _, _, f1_micro = _prf(tp.sum(keepdims=True), fp.sum(keepdims=True), fn.sum(keepdims=True))
+    names = names or [str(i) for i in range(n_classes)]
+    metrics: dict[str, Any] = {"accuracy": accuracy, "f1_macro": float(f1[present].mean()) if present.any() else 0.0,
+                               "f1_micro": float(f1_micro[0]), "precision_macro": float(precision[present].mean()),
+                               "recall_macro": float(recall[present].mean()), "examples": int(len(labels))}
+    metrics["per_class"] = {names[i]: {"precision": float(precision[i]), "recall": float(recall[i]),
+                                       "f1": float(f1[i]), "support": int(tp[i] + fn[i])} for i in range(n_classes)}
+    if confusion is not None:
+        metrics["confusion_matrix"] = confusion.tolist()
+    return metrics
+
+
+def hub_metric(name: str, predictions: np.ndarray, references: np.ndarray) -> dict[str, Any]:
+    """A metric by name from the `evaluate` library (needs the Hub for its script unless cached)."""
+    import evaluate
+
+    from llmkit.errors import LlmkitError
+    from llmkit.hub import offline
+
+    if offline():
+        raise LlmkitError(f"metric {name!r} is not built in and the Hub is off (HF_HUB_OFFLINE is set): use "
+                          "accuracy, f1, precision or recall, or go online to load it")
+    try:
+        metric = evaluate.load(name)
+    except Exception as e:  # evaluate raises many types for a missing metric
+        raise LlmkitError(f"could not load metric {name!r} from the Hub: {str(e).splitlines()[0]}") from None
+    return metric.compute(predictions=predictions.tolist(), references=references.tolist())

@@ -1,0 +1,50 @@
+"""Loading from local directories or the Hugging Face Hub, with one-line errors instead of tracebacks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from llmkit.errors import LlmkitError
+
+
+def offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or os.sep in name and Path(name).parent.exists() \
+        or name.count("/") > 1
+
+
+def from_pretrained_or_explain(load: Callable[..., Any], name: str, what: str, **kwargs: Any) -> Any:
+    """Call `load(name, **kwargs)`; turn "not found", "offline" and "corrupt" failures into LlmkitError."""
+    if looks_like_path(name) and not Path(name).expanduser().exists():
+        raise LlmkitError(f"{what} {name} does not exist: check the path")
+    try:
+        return load(name, **kwargs)
+    except (OSError, ValueError, KeyError, EnvironmentError) as e:
+        raise LlmkitError(explain_load_error(name, what, e)) from e
+
+
+def explain_load_error(name: str, what: str, error: BaseException) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    local = Path(name).expanduser().exists()
+    if local:
+        if "safetensors" in text.lower() or "header" in text.lower() or "deserializ" in text.lower():
+            return f"the weights in {name} are corrupt or truncated ({text}); re-export or re-download the model"
+        return f"could not load the {what} in {name}: {text}"
+    if offline():
+        return (f"{what} {name!r} is not a local directory, and the Hub is off (HF_HUB_OFFLINE is set): pass a "
+                "local directory, or unset HF_HUB_OFFLINE to download it")
+    return f"could not load the {what} {name!r} (not a local directory, nor a Hub id that could be fetched: {text})"
+
+
+def check_local_or_hub(name: str, what: str) -> None:
+    """Fail fast, before any work, on a name that is neither a local path nor usable as a Hub id offline."""
+    if Path(name).expanduser().exists():
+        return
+    if looks_like_path(name):
+        raise LlmkitError(f"{what} {name} does not exist: check the path")

@@ -1,0 +1,129 @@
+"""Inference: classify texts (batched, length-sorted, dynamically padded), generate text, fill masks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, TextIO
+
+from llmkit.errors import LlmkitError, UsageError
+
+
+def read_texts(texts: list[str], file: str | None, text_column: str | None, stdin: TextIO) -> list[str]:
+    """Texts from the arguments (`-` = one per line from stdin) and/or a .txt/.csv/.tsv/.json(l) file."""
+    from llmkit import sources as src
+
+    out: list[str] = []
+    for text in texts:
+        if text == "-":
+            out.extend(_stdin_lines(stdin))
+        else:
+            out.append(text)
+    if file is not None:
+        path = Path(file).expanduser()
+        if not path.is_file():
+            raise UsageError(f"--file {file} does not exist: check the path")
+        source = src.resolve([str(path)], "--file")[0]
+        if src.BUILDERS[path.suffix.lower()] == "text":
+            out.extend(line for chunk in src.read_text_chunks(path) for line in chunk.split("\n") if line.strip())
+        else:
+            table = src.load_table([source])
+            column = src.pick_column(table.column_names, text_column, src.TEXT_COLUMNS, "text", "--text-column",
+                                     file)
+            out.extend("" if t is None else str(t) for t in table[column])
+    if not out and not texts and file is None:
+        raise UsageError('nothing to classify: give texts (llmkit classify "some text" --model DIR), --file FILE, '
+                         "or - to read stdin")
+    return out
+
+
+def _stdin_lines(stdin: TextIO) -> Iterable[str]:
+    raw = getattr(stdin, "buffer", None)
+    if raw is None:  # a text stream that is already decoded (tests, pipes set up in Python)
+        yield from (line.rstrip("\n") for line in stdin)
+        return
+    for number, line in enumerate(raw, start=1):
+        try:
+            yield line.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            raise LlmkitError(f"stdin, line {number}: not valid UTF-8 text; convert the input to UTF-8") from None
+
+
+def _autocast(precision: str, device):
+    import contextlib
+
+    import torch
+
+    from llmkit.train import resolve_precision
+
+    resolved = resolve_precision(precision, device)
+    if resolved == "fp32":
+        return contextlib.nullcontext(), resolved
+    dtype = torch.bfloat16 if resolved == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype), resolved
+
+
+class Classifier:
+    """A fine-tuned sequence classifier, ready to label texts."""
+
+    def __init__(self, model: str, precision: str = "auto", max_length: int | None = None, device: str | None = None):
+        import torch
+
+        from llmkit import tasks
+        from llmkit.tokenizer import load_tokenizer
+
+        if tasks.objective_of(model) != "classification":
+            raise LlmkitError(f"{model} is not a classifier (it is a {tasks.objective_of(model)} model): fine-tune it "
+                              "with `llmkit finetune` first, or pass a classifier directory")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.tokenizer = load_tokenizer(model)
+        self.model = tasks.pretrained_model("classification", model).to(self.device).eval()
+        config = self.model.config
+        self.names = [config.id2label[i] for i in range(config.num_labels)]
+        self.multi_label = config.problem_type == "multi_label_classification"
+        limit = tasks.max_positions(self.model) or 512
+        self.max_length = min(max_length or limit, limit, self.tokenizer.model_max_length or limit)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else \
+            (config.pad_token_id or 0)
+        self.precision = precision
+
+    def __call__(self, texts: list[str], top_k: int = 1, batch_size: int = 64) -> list[dict[str, Any]]:
+        import numpy as np
+        import torch
+
+        if not texts:
+            return []
+        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=False,
+                                 return_attention_mask=False)["input_ids"]
+        filler = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.pad_id
+        encoded = [ids or [filler] for ids in encoded]  # an empty text still gets a prediction
+        full = self.tokenizer(texts, truncation=False, padding=False, return_attention_mask=False,
+                              return_length=True)["length"] if any(len(e) >= self.max_length for e in encoded) \
+            else [len(e) for e in encoded]
+        lengths = np.array([len(e) for e in encoded])
+        order = np.argsort(-lengths, kind="stable")
+        probs = np.zeros((len(texts), len(self.names)), dtype=np.float32)
+        autocast, _ = _autocast(self.precision, self.device)
+        with torch.inference_mode(), autocast:
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                width = int(lengths[idx].max())
+                ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
+                mask = torch.zeros((len(idx), width), dtype=torch.long)
+                for row, i in enumerate(idx):
+                    ids[row, : lengths[i]] = torch.tensor(encoded[i])
+                    mask[row, : lengths[i]] = 1
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.float()
+                p = torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
+                probs[idx] = p.cpu().numpy()
+        results = []
+        k = min(top_k, len(self.names))
+        for i, text in enumerate(texts):
+            ranked = np.argsort(-probs[i], kind="stable")[:k]
+            entry: dict[str, Any] = {"text": text, "label": self.names[ranked[0]], "score": float(probs[i, ranked[0]])}
+            if self.multi_label:
+                entry["labels"] = [self.names[j] for j in np.flatnonzero(probs[i] >= 0.5)]
+            if k > 1:
+                entry["top_k"] = [{"label": self.names[j], "score": float(probs[i, j])} for j in ranked]
+            entry["truncated"] = bool(full[i] > self.max_length)
+            results.append(entry)
+        return results

@@ -1,0 +1,135 @@
+"""The run directory: one run at a time (a lock), metrics.jsonl, and the exported model directories.
+
+    OUTPUT/
+      config.json, model.safetensors, tokenizer files, generation_config.json, README.md   <- final model
+      llmkit_run.json        merged settings, metrics, library versions, status
+      metrics.jsonl          one JSON object per log line and evaluation
+      best/                  the best model by the run's metric (a model directory as well)
+      checkpoints/step-N/    resumable training state
+
+A finished run is never overwritten without --overwrite, and --overwrite removes only what llmkit wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from llmkit import checkpoint as ckpt
+from llmkit.errors import UsageError
+
+RECORD = "llmkit_run.json"
+LOCK = ".llmkit.lock"
+OWNED = ("checkpoints", "best", "metrics.jsonl", "curves.png", RECORD)
+
+
+class RunDir:
+    def __init__(self, path: Path, main: bool = True):
+        self.path = path
+        self.main = main
+        self._lock_fd: int | None = None
+
+    def start(self, resume: bool, overwrite: bool, keep_metrics_until: int | None = None) -> None:
+        if not self.main:
+            return
+        if self.path.exists() and not self.path.is_dir():
+            raise UsageError(f"--output {self.path} is a file: give a directory")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock()
+        record = self.read_record()
+        if not resume:
+            if record is not None and not overwrite:
+                what = "a finished run" if record.get("status") == "finished" else "an unfinished run"
+                hint = "" if record.get("status") == "finished" else " or --resume auto to continue it"
+                raise UsageError(f"--output {self.path} holds {what}: pass --overwrite to start afresh{hint}, or "
+                                 "choose another --output")
+            if record is None and ckpt.checkpoint_dirs(self.path) and not overwrite:
+                raise UsageError(f"--output {self.path} holds checkpoints: pass --resume auto to continue, or "
+                                 "--overwrite to start afresh")
+            if overwrite:
+                self._remove_owned(record)
+        elif keep_metrics_until is not None:
+            self._truncate_metrics(keep_metrics_until)
+        self.write_record({"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+    def _lock(self) -> None:
+        import fcntl
+
+        fd = os.open(self.path / LOCK, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise UsageError(f"another llmkit run is using {self.path}: wait for it, or choose another --output") \
+                from None
+        self._lock_fd = fd  # released when the process exits
+
+    def _remove_owned(self, record: dict | None) -> None:
+        names = set(OWNED) | set((record or {}).get("files", []))
+        for name in names:
+            target = self.path / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+
+    def _truncate_metrics(self, step: int) -> None:
+        path = self.path / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept = [line for line in path.read_text().splitlines() if line.strip()
+                and json.loads(line).get("step", 0) <= step]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+
+    def read_record(self) -> dict | None:
+        path = self.path / RECORD
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except ValueError:
+            return {"status": "unknown"}
+
+    def write_record(self, update: dict[str, Any]) -> None:
+        record = self.read_record() or {}
+        record.update(update)
+        tmp = self.path / f".{RECORD}.tmp"
+        tmp.write_text(json.dumps(record, indent=2, default=str))
+        os.replace(tmp, self.path / RECORD)
+
+    def log(self, entry: dict[str, Any]) -> None:
+        if not self.main:
+            return
+        entry = {"time": round(time.time(), 3), **entry}
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def export(self, model, tokenizer, directory: Path, record: dict[str, Any], final: bool = False) -> None:
+        """Write a plain Hugging Face model directory (plus llmkit's record and a model card), atomically:
+        `best/` as one directory rename, the final model at the top of the run directory file by file."""
+        from llmkit.card import model_card
+
+        target = directory if not final else self.path / ".tmp-final"
+        tmp = ckpt.temporary_sibling(target) if not final else target
+        if final:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        full = {**(self.read_record() or {}), **record, "status": "finished" if final else "best"}
+        (tmp / "README.md").write_text(model_card(model, full))
+        if not final:
+            (tmp / RECORD).write_text(json.dumps(full, indent=2, default=str))
+            ckpt.commit(tmp, directory)
+            return
+        files = sorted(p.name for p in tmp.iterdir())
+        for name in files:
+            os.replace(tmp / name, self.path / name)
+        tmp.rmdir()
+        self.write_record({**full, "files": files, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})

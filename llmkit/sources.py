@@ -1,0 +1,289 @@
+"""Where data comes from: files, directories, globs, saved datasets, llmkit's own tokenized data, the Hub.
+
+Everything here reads; nothing writes. Text files are streamed in large chunks (memory stays flat whatever
+the corpus size) and checked as they are read, so that a bad byte is reported with its file and line.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from llmkit.errors import LlmkitError, UsageError
+from llmkit.hub import offline
+
+BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".csv": "csv", ".tsv": "csv", ".json": "json",
+            ".jsonl": "json", ".parquet": "parquet"}
+TEXT_COLUMNS = ("text", "sentence", "content", "document", "review", "sentence1", "question", "prompt")
+LABEL_COLUMNS = ("label", "labels", "category", "class", "target", "genre")
+TOKENIZED_MARKER = "llmkit_dataset.json"
+CHUNK_BYTES = 1 << 23
+
+
+@dataclass
+class Source:
+    """One data source: `kind` is file, saved (datasets.save_to_disk), tokenized (llmkit) or hub."""
+
+    kind: str
+    name: str
+    files: list[Path] = field(default_factory=list)
+
+    def fingerprint(self) -> str:
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"{self.kind}:{self.name if self.kind == 'hub' else ''}".encode())
+        for path in self.files:
+            with open(path, "rb") as f:
+                while chunk := f.read(CHUNK_BYTES):
+                    h.update(chunk)
+        return h.hexdigest()
+
+
+def resolve(specs: list[str], flag: str = "--data") -> list[Source]:
+    """Turn what the user typed into sources, checking that each exists and is not empty."""
+    sources = []
+    for spec in specs:
+        path = Path(spec).expanduser()
+        if path.is_file():
+            sources.append(Source("file", spec, [_check_file(path, flag)]))
+        elif path.is_dir():
+            sources.append(_directory(path, flag))
+        elif any(c in spec for c in "*?["):
+            matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+            if not matches:
+                raise UsageError(f"{flag} {spec} matches no file: check the pattern")
+            sources.append(Source("file", spec, [_check_file(p, flag) for p in matches]))
+        elif path.suffix.lower() in BUILDERS or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+            raise UsageError(f"{flag} {spec} does not exist: check the path")
+        else:
+            if offline():
+                raise LlmkitError(f"{flag} {spec} is not a local file, and the Hub is off (HF_HUB_OFFLINE is "
+                                  "set): pass a local file, or unset HF_HUB_OFFLINE to download the dataset")
+            sources.append(Source("hub", spec))
+    return sources
+
+
+def _check_file(path: Path, flag: str) -> Path:
+    suffix = path.suffix.lower()
+    if suffix not in BUILDERS:
+        raise UsageError(f"{flag} {path}: unsupported file type {suffix or '(none)'}; use .txt, .csv, .tsv, "
+                         ".json, .jsonl or .parquet")
+    if path.stat().st_size == 0:
+        raise LlmkitError(f"{flag} {path} is empty: give a file with data")
+    if suffix != ".parquet":
+        with open(path, "rb") as f:
+            if b"\0" in f.read(8192):
+                raise LlmkitError(f"{flag} {path} is a binary file, not text: give a UTF-8 text file")
+    return path
+
+
+def _directory(path: Path, flag: str) -> Source:
+    if (path / TOKENIZED_MARKER).is_file():
+        return Source("tokenized", str(path), [])
+    if (path / "data" / TOKENIZED_MARKER).is_file():
+        return Source("tokenized", str(path / "data"), [])
+    if any((path / f).is_file() for f in ("state.json", "dataset_dict.json", "dataset_info.json")):
+        return Source("saved", str(path), sorted(path.rglob("*.arrow")))
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in BUILDERS
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if not files:
+        raise UsageError(f"{flag} {path} holds no data files (.txt, .csv, .tsv, .json, .jsonl, .parquet)")
+    return Source("file", str(path), [_check_file(p, flag) for p in files])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plain text, streamed.
+
+
+def read_text_chunks(path: Path) -> Iterator[str]:
+    """Decode a text file in large chunks cut at line ends; a bad byte is reported with its line number."""
+    line = 1
+    carry = b""
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(CHUNK_BYTES)
+            data = carry + block
+            if not block:
+                if data:
+                    yield _decode(data, path, line)
+                return
+            cut = data.rfind(b"\n") + 1
+            if cut == 0:
+                carry = data
+                continue
+            piece, carry = data[:cut], data[cut:]
+            yield _decode(piece, path, line)
+            line += piece.count(b"\n")
+
+
+def _decode(data: bytes, path: Path, first_line: int) -> str:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + data[:e.start].count(b"\n")
+        raise LlmkitError(f"{path}, line {line}: not valid UTF-8 text; convert the file to UTF-8 "
+                          f"(for example: iconv -f latin1 -t utf-8 {path.name})") from None
+    if "\r" in text:
+        text = text.replace("\r\n", "\n")
+    return text.lstrip("\ufeff") if first_line == 1 else text
+
+
+_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
+
+
+def text_documents(path: Path, sample_by: str) -> Iterator[str]:
+    """Documents of a .txt file: one per line, per blank-line separated paragraph, or the whole file."""
+    if sample_by == "document":
+        text = "".join(read_text_chunks(path)).strip()
+        if text:
+            yield text
+        return
+    pending = ""
+    for chunk in read_text_chunks(path):
+        if sample_by == "line":
+            for doc in chunk.split("\n"):
+                if doc.strip():
+                    yield doc
+            continue
+        parts = _PARAGRAPH_BREAK.split(pending + chunk)
+        pending = parts.pop()  # may continue in the next chunk
+        for doc in parts:
+            if doc.strip():
+                yield doc.strip("\n")
+    if pending.strip():
+        yield pending.strip("\n")
+
+
+def check_utf8(path: Path) -> None:
+    for _ in read_text_chunks(path):
+        pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tables (csv, tsv, json, jsonl, parquet, saved datasets, the Hub), through `datasets`.
+
+
+def load_table(sources: list[Source], trust_remote_code: bool = False):
+    """All sources as one `datasets.Dataset` (Arrow, memory-mapped)."""
+    import datasets
+
+    parts = [_load_one(s, trust_remote_code) for s in sources]
+    if len(parts) == 1:
+        return parts[0]
+    columns = set(parts[0].column_names)
+    for s, part in zip(sources[1:], parts[1:]):
+        if set(part.column_names) != columns:
+            raise LlmkitError(f"{s.name} has columns {sorted(part.column_names)} but {sources[0].name} has "
+                              f"{sorted(columns)}: give sources with the same columns")
+    return datasets.concatenate_datasets(parts)
+
+
+def _load_one(source: Source, trust_remote_code: bool):
+    import datasets
+
+    datasets.disable_progress_bars()
+    if source.kind == "tokenized":
+        raise UsageError(f"{source.name} is pre-tokenized language-modelling data: give the raw labeled file "
+                         "instead")
+    if source.kind == "saved":
+        try:
+            loaded = datasets.load_from_disk(source.name)
+        except Exception as e:  # datasets raises several types for a broken directory
+            raise LlmkitError(f"could not read the saved dataset {source.name}: {_first_line(e)}") from None
+        if isinstance(loaded, datasets.DatasetDict):
+            split = "train" if "train" in loaded else next(iter(loaded))
+            loaded = loaded[split]
+        return loaded
+    if source.kind == "hub":
+        name, _, config = source.name.partition(":")
+        try:
+            return datasets.load_dataset(name, config or None, split="train", trust_remote_code=trust_remote_code)
+        except Exception as e:
+            raise LlmkitError(f"could not load the Hub dataset {source.name!r}: {_first_line(e)}") from None
+    groups: dict[str, list[Path]] = {}
+    for path in source.files:
+        groups.setdefault(path.suffix.lower(), []).append(path)
+    parts = []
+    for suffix, files in groups.items():
+        builder = BUILDERS[suffix]
+        kwargs = {}
+        if suffix == ".tsv":
+            kwargs = {"delimiter": "\t", "quoting": 3}  # GLUE-style TSV: no quoting
+        if builder != "parquet":
+            for path in files:
+                check_utf8(path)
+        if builder == "text":
+            parts.append(datasets.Dataset.from_dict({"text": [d for p in files for d in text_documents(p, "line")]}))
+            continue
+        try:
+            parts.append(datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train",
+                                               **kwargs))
+        except Exception as e:
+            raise LlmkitError(f"could not parse {', '.join(str(p) for p in files)}: {_first_line(e)}; fix the "
+                              "file (every row needs the same columns)") from None
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def _first_line(error: BaseException) -> str:
+    cause = error
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__
+    text = str(cause).strip() or str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
+def pick_column(columns: list[str], wanted: str | None, candidates: tuple[str, ...], what: str, flag: str,
+                where: str, dtype_ok=None) -> str:
+    """The column the user named, or the first of `candidates` present; else an error listing the columns."""
+    from llmkit.config import did_you_mean
+
+    if wanted is not None:
+        if wanted not in columns:
+            raise UsageError(f"{where} has no column {wanted!r}{did_you_mean(wanted, columns)}; columns: "
+                             f"{', '.join(columns)}")
+        return wanted
+    for name in candidates:
+        if name in columns:
+            return name
+    if dtype_ok is not None:
+        fitting = [c for c in columns if dtype_ok(c)]
+        if len(fitting) == 1:
+            return fitting[0]
+    raise UsageError(f"{where} has no {what} column (looked for {', '.join(candidates)}): pass {flag} NAME; "
+                     f"columns: {', '.join(columns)}")
+
+
+def iter_text_batches(sources: list[Source], text_column: str | None, sample_by: str,
+                      batch_size: int = 2048, trust_remote_code: bool = False) -> Iterator[list[str]]:
+    """Batches of document texts from all sources, streamed."""
+    for source in sources:
+        if source.kind == "tokenized":
+            raise UsageError(f"{source.name} is already tokenized: it cannot be mixed with raw text sources")
+        text_files = [p for p in source.files if BUILDERS[p.suffix.lower()] == "text"]
+        if source.kind == "file" and len(text_files) == len(source.files):
+            for path in text_files:
+                batch: list[str] = []
+                for doc in text_documents(path, sample_by):
+                    batch.append(doc)
+                    if len(batch) == batch_size:
+                        yield batch
+                        batch = []
+                if batch:
+                    yield batch
+            continue
+        table = load_table([source], trust_remote_code)
+        column = pick_column(table.column_names, text_column, TEXT_COLUMNS, "text", "--text-column", source.name,
+                             lambda c: str(table.features[c]) == "Value('string')"
+                             or getattr(table.features[c], "dtype", None) == "string")
+        for batch in table.select_columns([column]).iter(batch_size=batch_size):
+            texts = [t for t in batch[column] if isinstance(t, str) and t.strip()]
+            if texts:
+                yield texts
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))

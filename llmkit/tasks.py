@@ -1,0 +1,251 @@
+"""What differs between clm, mlm and classification: the model class, how a batch becomes a loss, the metrics.
+
+Everything else (data pipeline, loop, checkpoints, evaluation) is shared. Losses are returned as *sums* with
+the number of items they cover, so that gradient accumulation and data parallelism can divide by the item
+count of the whole global batch: 2 micro-batches of B/2 then give exactly the update of one batch of B, even
+when micro-batches hold different numbers of masked tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from llmkit.errors import LlmkitError, UsageError
+from llmkit.hub import from_pretrained_or_explain
+
+# Size presets: (layers, hidden, heads, block size). `tiny` trains in seconds on a CPU; the larger ones match
+# well-known models so that published numbers are a reference.
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": {"layers": 2, "hidden": 64, "heads": 2, "block_size": 128},
+    "mini": {"layers": 4, "hidden": 256, "heads": 4, "block_size": 256},
+    "small": {"layers": 6, "hidden": 384, "heads": 6, "block_size": 256},
+    "base": {"layers": 12, "hidden": 768, "heads": 12, "block_size": 512},
+    "gpt2-small": {"layers": 12, "hidden": 768, "heads": 12, "block_size": 1024},
+    "bert-base": {"layers": 12, "hidden": 768, "heads": 12, "block_size": 512},
+    "gpt2-medium": {"layers": 24, "hidden": 1024, "heads": 16, "block_size": 1024},
+}
+
+
+def model_class(objective: str):
+    import transformers
+
+    return {"clm": transformers.AutoModelForCausalLM, "mlm": transformers.AutoModelForMaskedLM,
+            "classification": transformers.AutoModelForSequenceClassification}[objective]
+
+
+def fresh_model(objective: str, preset: str, tokenizer, *, layers=None, hidden=None, heads=None,
+                block_size: int, dropout: float = 0.0):
+    """A randomly initialised GPT-2 (clm) or BERT (mlm) of a preset size, with PyTorch SDPA attention."""
+    from transformers import BertConfig, GPT2Config
+
+    size = dict(PRESETS[preset])
+    size.update({k: v for k, v in (("layers", layers), ("hidden", hidden), ("heads", heads)) if v is not None})
+    if size["hidden"] % size["heads"]:
+        raise UsageError(f"--hidden {size['hidden']} is not divisible by --heads {size['heads']}: pick sizes where "
+                         "it is (for example hidden 256 with 4 heads)")
+    vocab = len(tokenizer)
+    positions = max(block_size, size["block_size"])
+    if objective == "clm":
+        config = GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=size["hidden"], n_layer=size["layers"],
+                            n_head=size["heads"], resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)
+    else:
+        if tokenizer.mask_token_id is None:
+            raise LlmkitError("the tokenizer has no mask token, which mlm needs: train one with `llmkit tokenize` "
+                              "or pass a BERT-style --tokenizer")
+        config = BertConfig(vocab_size=vocab, hidden_size=size["hidden"], num_hidden_layers=size["layers"],
+                            num_attention_heads=size["heads"], intermediate_size=4 * size["hidden"],
+                            max_position_embeddings=positions, hidden_dropout_prob=dropout,
+                            attention_probs_dropout_prob=dropout, pad_token_id=tokenizer.pad_token_id or 0)
+    return model_class(objective).from_config(config, attn_implementation="sdpa")
+
+
+def pretrained_model(objective: str, name: str, trust_remote_code: bool = False, **kwargs):
+    check_model_dir(name)
+    load = model_class(objective).from_pretrained
+    try:
+        return from_pretrained_or_explain(load, name, "model", trust_remote_code=trust_remote_code,
+                                          attn_implementation="sdpa", **kwargs)
+    except LlmkitError as e:
+        if "sdpa" not in str(e).lower():
+            raise
+    return from_pretrained_or_explain(load, name, "model", trust_remote_code=trust_remote_code, **kwargs)
+
+
+def check_model_dir(name: str) -> None:
+    """A local model directory must hold a config.json; a Hub id is checked when it is loaded."""
+    from pathlib import Path
+
+    path = Path(name).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise LlmkitError(f"{name} is not a model directory (no config.json): pass a directory written by llmkit or "
+                          "transformers' save_pretrained, or a Hub id")
+
+
+def load_config(name: str, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    check_model_dir(name)
+    return from_pretrained_or_explain(AutoConfig.from_pretrained, name, "model", trust_remote_code=trust_remote_code)
+
+
+def objective_of(name: str, trust_remote_code: bool = False) -> str:
+    """clm, mlm or classification, from the architecture a model directory was saved with."""
+    config = load_config(name, trust_remote_code)
+    arch = (config.architectures or [""])[0]
+    if arch.endswith("ForSequenceClassification"):
+        return "classification"
+    if arch.endswith("ForMaskedLM"):
+        return "mlm"
+    if arch.endswith(("ForCausalLM", "LMHeadModel")):
+        return "clm"
+    raise LlmkitError(f"{name} is a {arch or 'bare'} model: llmkit evaluates causal LMs, masked LMs and sequence "
+                      "classifiers; fine-tune it first with `llmkit finetune` or `llmkit pretrain`")
+
+
+def config_positions(name: str, trust_remote_code: bool = False) -> int | None:
+    return max_positions(load_config(name, trust_remote_code))
+
+
+def run_record(name: str) -> dict:
+    """llmkit's record of the run that wrote a model directory ({} for other models)."""
+    import json
+    from pathlib import Path
+
+    path = Path(name).expanduser() / "llmkit_run.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        return {}
+
+
+def max_positions(model_or_config) -> int | None:
+    config = getattr(model_or_config, "config", model_or_config)
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx", "max_seq_len"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def check_fit(model, tokenizer, block_size: int | None = None) -> None:
+    """The tokenizer's ids and the block size must fit the model's embeddings."""
+    vocab = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab:
+        raise LlmkitError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only {vocab}: use "
+                          "the model's own tokenizer, or a tokenizer with at most that many tokens")
+    positions = max_positions(model)
+    if block_size is not None and positions is not None and block_size > positions:
+        raise UsageError(f"--block-size {block_size} is larger than the model's {positions} positions: use "
+                         f"--block-size {positions} or less")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Losses
+
+
+@dataclass
+class Masking:
+    """BERT masking: select `probability` of the non-special tokens; of those 80% [MASK], 10% random, 10% kept."""
+
+    mask_id: int
+    vocab_size: int
+    special_ids: torch.Tensor
+    probability: float = 0.15
+    word_start: torch.Tensor | None = None  # bool per vocabulary id, for whole-word masking
+
+    def __call__(self, input_ids: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        special = torch.isin(input_ids, self.special_ids)
+        draw = torch.rand(input_ids.shape, generator=generator)
+        if self.word_start is not None:
+            # A word is a start token and the continuation tokens after it: all take the start's draw.
+            starts = self.word_start[input_ids] | special
+            positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+            start_of = torch.where(starts, positions, torch.zeros_like(positions)).cummax(dim=1).values
+            draw = draw.gather(1, start_of)
+        selected = (draw < self.probability) & ~special
+        labels = torch.where(selected, input_ids, torch.full_like(input_ids, -100))
+        action = torch.rand(input_ids.shape, generator=generator)
+        masked = input_ids.clone()
+        masked[selected & (action < 0.8)] = self.mask_id
+        randomise = selected & (action >= 0.8) & (action < 0.9)
+        masked[randomise] = torch.randint(self.vocab_size, input_ids.shape, generator=generator)[randomise]
+        return masked, labels
+
+    def rows(self, input_ids: torch.Tensor, indices, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask each row with its own generator seeded by (seed, example index): the masks do not depend on how
+        examples are split over processes or micro-batches, so runs on 1 or N processes see the same masks."""
+        masked_rows, label_rows = [], []
+        generator = torch.Generator()
+        for row, index in zip(input_ids.cpu(), indices):
+            generator.manual_seed(seed * 10_000_019 + int(index))
+            masked, labels = self(row[None], generator)
+            masked_rows.append(masked)
+            label_rows.append(labels)
+        return torch.cat(masked_rows), torch.cat(label_rows)
+
+
+def make_masking(tokenizer, probability: float, whole_word: bool) -> Masking:
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+    word_start = None
+    if whole_word:
+        vocab = [t or "" for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))]
+        word_start = torch.tensor(word_starts(vocab), dtype=torch.bool)
+    return Masking(tokenizer.mask_token_id, len(tokenizer), special, probability, word_start)
+
+
+def word_starts(vocab: list[str]) -> list[bool]:
+    """Which tokens begin a word, by the vocabulary's convention: WordPiece marks continuations with ##,
+    byte-level BPE and SentencePiece mark word starts with Ġ / ▁ (punctuation counts as a start)."""
+    if any(t.startswith("##") for t in vocab):
+        return [not t.startswith("##") for t in vocab]
+    marker = "Ġ" if any(t.startswith("Ġ") for t in vocab) else "▁"
+    return [t.startswith((marker, "Ċ")) or not t[:1].isalnum() for t in vocab]
+
+
+def batch_loss(objective: str, model, batch: dict[str, Any], *, masking: Masking | None = None,
+               generator: torch.Generator | None = None, class_weights: torch.Tensor | None = None,
+               multi_label: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(summed loss, number of items it covers, logits for classification metrics or None)."""
+    if objective == "clm":
+        logits = model(input_ids=batch["input_ids"]).logits
+        targets = batch["input_ids"][:, 1:]
+        loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                               reduction="sum")
+        return loss, torch.tensor(targets.numel(), device=loss.device), None
+    if objective == "mlm":
+        input_ids, labels = batch.get("masked_ids"), batch.get("mlm_labels")
+        if input_ids is None:
+            input_ids, labels = masking(batch["input_ids"], generator)
+            input_ids, labels = input_ids.to(batch["input_ids"].device), labels.to(batch["input_ids"].device)
+        selected = labels != -100
+        logits = _masked_logits(model, input_ids, selected)
+        loss = F.cross_entropy(logits.float(), labels[selected], reduction="sum")
+        return loss, selected.sum(), None
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    logits = model(**inputs).logits
+    labels = batch.get("labels")
+    if labels is None:
+        return torch.zeros((), device=logits.device), torch.tensor(0), logits
+    if multi_label:
+        loss = F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="sum")
+        return loss, torch.tensor(labels.numel(), device=loss.device), logits
+    loss = F.cross_entropy(logits.float(), labels, weight=class_weights, reduction="none")
+    return loss.sum(), torch.tensor(labels.numel(), device=loss.device), logits
+
+
+def _masked_logits(model, input_ids: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """Vocabulary logits at the selected positions only: the loss is the same as from all positions, and the
+    output projection - the largest matrix product of a small masked LM - runs on ~15% of the tokens."""
+    head = getattr(model, "cls", None) or getattr(model, "lm_head", None)
+    base = getattr(model, model.base_model_prefix, None)
+    attention_mask = torch.ones_like(input_ids)
+    if head is not None and base is not None:
+        hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return head(hidden[selected])
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits[selected]

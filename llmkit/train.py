@@ -1,0 +1,426 @@
+"""The one training loop, shared by pretrain and finetune, on Accelerate.
+
+    setup (precision, batch arithmetic, optimizer, schedule) -> resume? -> for each step:
+        fetch this process's micro-batches -> count the items of the global batch ->
+        forward/backward each micro-batch (loss sum / global item count) -> clip -> step ->
+        log / evaluate / checkpoint
+
+Batch arithmetic: global batch = micro batch x accumulation x processes; the user sets the global batch and
+the accumulation follows. Data order comes from `StepSampler`, a function of (seed, step) only, so a resumed
+run or a run on another number of processes sees exactly the same examples at every step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from llmkit import checkpoint as ckpt
+from llmkit import display
+from llmkit.errors import LlmkitError, UsageError
+from llmkit.evaluation import evaluate_model
+from llmkit.rundir import RunDir
+from llmkit.tasks import Masking, batch_loss
+
+
+class Interrupted(LlmkitError):
+    exit_code = 130
+
+
+@dataclass
+class TrainJob:
+    """Everything the loop needs; built by `pretrain` and `finetune`."""
+
+    cfg: Any  # PretrainConfig or FinetuneConfig
+    objective: str  # clm, mlm or classification
+    model: torch.nn.Module
+    tokenizer: Any
+    train_data: Any  # PackedBlocks or LabeledExamples
+    eval_data: Any | None
+    default_learning_rate: float
+    default_global_batch: int
+    metric: str = "loss"  # what picks the best model: loss (lower is better) or a classification metric
+    masking: Masking | None = None
+    class_weights: torch.Tensor | None = None
+    multi_label: bool = False
+    threshold: float = 0.5
+    label_names: list[str] | None = None
+    tokens_per_example: int | None = None  # block size for language models
+    record: dict[str, Any] = field(default_factory=dict)  # what the run directory's llmkit_run.json says
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """auto = bf16 where the hardware runs it fast: CUDA GPUs with bf16, CPUs with AVX-512 BF16 or AMX."""
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_has_fast_bf16() else "fp32"
+    if precision == "fp16" and device.type == "cpu":
+        raise UsageError("--precision fp16 needs a GPU: use bf16 (fast on CPUs with AVX-512 BF16) or fp32")
+    return precision
+
+
+def cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def make_accelerator(precision: str, report_to: list[str] | None = None, project_dir: str | None = None):
+    from accelerate import Accelerator
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = resolve_precision(precision, device)
+    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[resolved]
+    try:
+        accelerator = Accelerator(mixed_precision=mixed, log_with=report_to or None, project_dir=project_dir)
+    except (ImportError, ValueError) as e:
+        raise UsageError(f"{e}: install the tracker's package (pip install tensorboard / wandb) or drop "
+                         "--report-to") from None
+    return accelerator, resolved
+
+
+def lr_lambda(warmup: int, total: int, schedule: str, min_ratio: float) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+        return min_ratio + (1 - min_ratio) * decay
+    return factor
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]):
+    """AdamW; weight decay on matrices only (biases and norm gains are not decayed), fused where available."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def model_signature(model: torch.nn.Module) -> str:
+    """Names and shapes of all parameters: equal exactly when a checkpoint fits the model."""
+    import hashlib
+
+    text = ";".join(f"{n}:{tuple(p.shape)}" for n, p in model.state_dict().items())
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Plan:
+    global_batch: int
+    micro_batch: int
+    accumulation: int
+    processes: int
+    steps: int
+    warmup: int
+    learning_rate: float
+    steps_per_epoch: int
+    eval_every: int
+    save_every: int
+    precision: str
+
+    def tokens_per_step(self, tokens_per_example: int | None) -> int | None:
+        return self.global_batch * tokens_per_example if tokens_per_example else None
+
+
+def make_plan(job: TrainJob, processes: int, precision: str) -> Plan:
+    cfg = job.cfg
+    n = len(job.train_data)
+    global_batch = cfg.global_batch_size or job.default_global_batch
+    tokens_per_step = getattr(cfg, "tokens_per_step", None)
+    if tokens_per_step:
+        global_batch = max(1, tokens_per_step // job.tokens_per_example)
+    global_batch = min(global_batch, n) if not cfg.global_batch_size and not tokens_per_step else global_batch
+    if global_batch % processes:
+        raise UsageError(f"the global batch of {global_batch} does not split over {processes} processes: use a "
+                         f"multiple of {processes}")
+    per_process = global_batch // processes
+    micro = min(cfg.micro_batch_size or per_process, per_process)
+    if per_process % micro:
+        raise UsageError(f"--micro-batch-size {micro} does not divide the {per_process} examples each process "
+                         f"takes per step (global batch {global_batch} / {processes} processes): pick a divisor")
+    if n < global_batch:
+        raise LlmkitError(f"the training data has {n} examples ({'blocks' if job.tokens_per_example else 'rows'}), "
+                          f"fewer than one global batch of {global_batch}: give more data or a smaller "
+                          "--global-batch-size" + (" or --block-size" if job.tokens_per_example else ""))
+    steps_per_epoch = n // global_batch
+    limits = []
+    if cfg.max_steps:
+        limits.append(cfg.max_steps)
+    if cfg.max_tokens and job.tokens_per_example:
+        limits.append(max(1, math.ceil(cfg.max_tokens / (global_batch * job.tokens_per_example))))
+    if cfg.epochs:
+        limits.append(max(1, math.ceil(cfg.epochs * steps_per_epoch)))
+    steps = min(limits) if limits else steps_per_epoch
+    if cfg.warmup_steps is None:
+        warmup = min(1000, math.ceil(0.06 * steps))
+    elif cfg.warmup_steps < 1:
+        warmup = math.ceil(cfg.warmup_steps * steps)
+    else:
+        warmup = int(cfg.warmup_steps)
+    eval_every = cfg.eval_every or max(1, math.ceil(steps / 10))
+    return Plan(global_batch=global_batch, micro_batch=micro, accumulation=per_process // micro,
+                processes=processes, steps=steps, warmup=warmup,
+                learning_rate=cfg.learning_rate or job.default_learning_rate, steps_per_epoch=steps_per_epoch,
+                eval_every=eval_every, save_every=cfg.save_every or eval_every, precision=precision)
+
+
+def better(metric: str, new: float, old: float | None) -> bool:
+    if old is None:
+        return True
+    return new < old if metric == "loss" else new > old
+
+
+def fit(job: TrainJob) -> dict[str, Any]:
+    """Train `job.model` and write the run directory; returns the final metrics."""
+    cfg = job.cfg
+    accelerator, precision = make_accelerator(cfg.precision, cfg.report_to, cfg.output)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    plan = make_plan(job, world, precision)
+    run = RunDir(Path(cfg.output), main=accelerator.is_main_process)
+    base_model = job.model
+    if cfg.gradient_checkpointing:
+        base_model.gradient_checkpointing_enable()
+    base_model.to(accelerator.device)
+    optimizer = make_optimizer(base_model, plan.learning_rate, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(plan.warmup, plan.steps, cfg.lr_schedule, cfg.min_lr_ratio))
+    signature = model_signature(base_model)
+
+    start_step, state = 0, {"best": None, "best_step": None, "bad_evals": 0, "tokens": 0}
+    resume_from = None
+    if cfg.resume:
+        resume_from = ckpt.find_resume_checkpoint(cfg.resume, run.path)
+        loaded = ckpt.load_training_state(resume_from, base_model, optimizer, scheduler, rank, signature)
+        if loaded["processes"] != world or loaded["global_batch"] != plan.global_batch:
+            raise UsageError(f"checkpoint {resume_from} was written by a run with {loaded['processes']} processes "
+                             f"and global batch {loaded['global_batch']}: resume with the same (now {world} and "
+                             f"{plan.global_batch})")
+        start_step = loaded["step"]
+        state.update({k: loaded[k] for k in state})
+    run.start(resume=bool(cfg.resume), overwrite=cfg.overwrite, keep_metrics_until=start_step if cfg.resume else None)
+
+    from llmkit.data import StepSampler
+
+    sampler = StepSampler(len(job.train_data), plan.global_batch, cfg.seed, lengths=job.train_data.lengths())
+    model = torch.compile(base_model) if cfg.compile else base_model
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if cfg.report_to:
+        accelerator.init_trackers("llmkit", config={k: v for k, v in vars(cfg).items()
+                                                    if isinstance(v, (int, float, str, bool))})
+    params = sum(p.numel() for p in base_model.parameters())
+    display.info(f"[bold]{job.objective}[/bold] {type(base_model).__name__}, {params / 1e6:.2f}M parameters; "
+                 f"{len(job.train_data)} training {'blocks' if job.tokens_per_example else 'examples'}; "
+                 f"{plan.steps} steps of {plan.global_batch} ({plan.processes} process(es) x "
+                 f"{plan.accumulation} accumulation x micro-batch {plan.micro_batch}); "
+                 f"lr {plan.learning_rate:g}, warm-up {plan.warmup}; {accelerator.device.type} {precision}")
+    if resume_from is not None:
+        display.info(f"resuming from {resume_from} at step {start_step}")
+    job.record.update(parameters=params, plan=vars(plan))
+
+    stop = {"signal": None}
+    handlers = _install_signal_handlers(stop)
+    last_metrics: dict[str, Any] = {}
+    try:
+        last_metrics = _loop(job, plan, accelerator, model, base_model, optimizer, scheduler, sampler, run, state,
+                             start_step, signature, stop)
+    finally:
+        _restore_signal_handlers(handlers)
+        if cfg.report_to:
+            accelerator.end_training()
+    return last_metrics
+
+
+def _loop(job, plan, accelerator, model, base_model, optimizer, scheduler, sampler, run, state, start_step,
+          signature, stop) -> dict[str, Any]:
+    cfg = job.cfg
+    rank, world = accelerator.process_index, accelerator.num_processes
+    device = accelerator.device
+    loss_total = torch.zeros((), device=device)
+    items_total = torch.zeros((), device=device)
+    window_start, window_step, window_tokens = time.perf_counter(), start_step, 0
+    eval_metrics: dict[str, Any] = {}
+    step = start_step
+    model.train()
+    with display.StepProgress("train", plan.steps) as progress:
+        progress.update(step)
+        while step < plan.steps:
+            micro = sampler.micro_batches(step, rank, world, plan.micro_batch)
+            epoch = step // plan.steps_per_epoch
+            batches = [job.train_data.batch(idx) for idx in micro]
+            if job.masking is not None:
+                for idx, batch in zip(micro, batches):
+                    batch["masked_ids"], batch["mlm_labels"] = job.masking.rows(batch["input_ids"], idx,
+                                                                                cfg.seed * 1_000_003 + epoch)
+            items = _count_items(job, batches, device)
+            window_tokens += world * sum(int(b["attention_mask"].sum()) if "attention_mask" in b
+                                         else b["input_ids"].numel() for b in batches)
+            batches = [_to_device(b, device) for b in batches]
+            if world > 1:
+                items = accelerator.reduce(items, reduction="sum")
+            for i, batch in enumerate(batches):
+                sync = contextlib.nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model)
+                with sync, accelerator.autocast():
+                    loss_sum, _, _ = batch_loss(job.objective, model, batch, class_weights=job.class_weights,
+                                                multi_label=job.multi_label)
+                    loss = loss_sum * world / items
+                accelerator.backward(loss)
+                loss_total += loss_sum.detach()
+            items_total += items
+            if cfg.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            state["tokens"] += plan.global_batch * (job.tokens_per_example or 0)
+
+            last = step == plan.steps
+            if step % cfg.log_every == 0 or last or stop["signal"]:
+                if world > 1:
+                    loss_total = accelerator.reduce(loss_total, reduction="sum")
+                train_loss = (loss_total / items_total.clamp(min=1)).item()
+                _check_finite(train_loss, step, run)
+                seconds = time.perf_counter() - window_start
+                figures = {"loss": train_loss, "lr": scheduler.get_last_lr()[0],
+                           "tok/s": window_tokens / max(seconds, 1e-9)}
+                if not job.tokens_per_example:
+                    figures["samples/s"] = (step - window_step) * plan.global_batch / max(seconds, 1e-9)
+                record = {"step": step, "epoch": round(step / plan.steps_per_epoch, 4), "loss": train_loss,
+                          "learning_rate": figures["lr"], "tokens_per_second": figures["tok/s"],
+                          "tokens": state["tokens"]}
+                if "samples/s" in figures:
+                    record["samples_per_second"] = figures["samples/s"]
+                run.log(record)
+                if cfg.report_to:
+                    accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
+                progress.update(step, log=True, **figures)
+                loss_total.zero_()
+                items_total.zero_()
+                window_start, window_step, window_tokens = time.perf_counter(), step, 0
+
+            if job.eval_data is not None and (step % plan.eval_every == 0 or last):
+                eval_metrics = evaluate_model(job.objective, model, job.eval_data, accelerator,
+                                              batch_size=max(plan.micro_batch, 8), seed=cfg.seed,
+                                              masking=job.masking, max_batches=None if last else cfg.eval_batches,
+                                              multi_label=job.multi_label, threshold=job.threshold,
+                                              label_names=job.label_names)
+                model.train()
+                run.log({"step": step, **{f"eval_{k}": v for k, v in eval_metrics.items()
+                                          if isinstance(v, (int, float))}})
+                if cfg.report_to:
+                    accelerator.log({f"eval/{k}": v for k, v in eval_metrics.items() if isinstance(v, (int, float))},
+                                    step=step)
+                progress.update(step, log=True, **{f"eval_{job.metric}": eval_metrics[job.metric]})
+                if better(job.metric, eval_metrics[job.metric], state["best"]):
+                    state.update(best=eval_metrics[job.metric], best_step=step, bad_evals=0)
+                    if accelerator.is_main_process:
+                        run.export(base_model, job.tokenizer, run.path / "best",
+                                   {**job.record, "step": step, "metrics": eval_metrics})
+                else:
+                    state["bad_evals"] += 1
+
+            patience = getattr(cfg, "patience", None)
+            out_of_patience = patience is not None and state["bad_evals"] >= patience
+            if step % plan.save_every == 0 or stop["signal"] or (out_of_patience and not last):
+                _save_checkpoint(accelerator, run, base_model, optimizer, scheduler, step, plan, state, signature,
+                                 cfg.keep_checkpoints)
+            if stop["signal"] and not last:
+                raise Interrupted(f"stopped by {stop['signal']} at step {step}; checkpoint saved: continue with the "
+                                  f"same command and --resume auto")
+            if out_of_patience and not last:
+                display.info(f"early stop at step {step}: {job.metric} has not improved for {patience} evaluations "
+                             f"(best {state['best']:.4g} at step {state['best_step']})")
+                break
+
+    final = {"step": step, "train_loss": train_loss, **{f"eval_{k}": v for k, v in eval_metrics.items()}}
+    if state["best"] is not None:
+        final.update(best_step=state["best_step"], **{f"best_{job.metric}": state["best"]})
+    if accelerator.is_main_process:
+        run.export(base_model, job.tokenizer, run.path, {**job.record, "step": step, "metrics": final},
+                   final=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _count_items(job: TrainJob, batches: list[dict], device) -> torch.Tensor:
+    if job.objective == "clm":
+        n = sum(b["input_ids"][:, 1:].numel() for b in batches)
+    elif job.objective == "mlm":
+        n = sum(int((b["mlm_labels"] != -100).sum()) for b in batches)
+    else:
+        n = sum(b["labels"].numel() for b in batches)
+    return torch.tensor(float(max(n, 1)), device=device)
+
+
+def _to_device(batch: dict[str, Any], device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _check_finite(loss: float, step: int, run: RunDir) -> None:
+    if not math.isfinite(loss):
+        kept = ckpt.checkpoint_dirs(run.path)
+        where = f"; the last good checkpoint is {kept[-1]}" if kept else ""
+        raise LlmkitError(f"the loss became {loss} at step {step}: lower --learning-rate, or train in --precision "
+                          f"fp32{where}")
+
+
+def _save_checkpoint(accelerator, run: RunDir, model, optimizer, scheduler, step: int, plan: Plan, state: dict,
+                     signature: str, keep: int) -> None:
+    directory = run.path / "checkpoints" / f"step-{step:08d}"
+    tmp = ckpt.temporary_sibling(directory, create=accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    ckpt.save_rng(tmp, accelerator.process_index)  # every process has its own RNG streams
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        training_state = {"step": step, "processes": plan.processes, "global_batch": plan.global_batch,
+                          "model_signature": signature, **state}
+        ckpt.save_training_state(tmp, model, optimizer, scheduler, training_state)
+        ckpt.commit(tmp, directory)
+        ckpt.prune(run.path, keep)
+    accelerator.wait_for_everyone()
+
+
+def _install_signal_handlers(stop: dict) -> dict:
+    def handler(signum, frame):
+        if stop["signal"]:  # a second signal: stop now
+            raise KeyboardInterrupt
+        stop["signal"] = signal.Signals(signum).name
+        display.info(f"{stop['signal']} received: finishing this step and writing a checkpoint "
+                     "(send it again to stop at once)")
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread
+            pass
+    return previous
+
+
+def _restore_signal_handlers(previous: dict) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def record_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, default=str)
