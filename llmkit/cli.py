@@ -176,47 +176,42 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("LLMKIT_DEBUG", "") not in ("", "0")
     args = [a for a in args if a != "--debug"]
-    import click
-
     try:
         app(args=args, prog_name="llmkit", standalone_mode=False)
     except LlmkitError as e:
         if debug:
             raise
-        display.err.print(f"[bold red]error:[/bold red] {e}", markup=True, highlight=False, soft_wrap=True)
+        display.error(str(e))
         sys.exit(e.exit_code)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        display.err.print("aborted")
+    except typer.Exit as e:
+        sys.exit(getattr(e, "exit_code", 0))
+    except typer.Abort:
+        display.error("aborted")
         sys.exit(130)
-    except click.ClickException as e:
+    except Exception as e:
         if debug:
             raise
-        command_name = next((a for a in args if not a.startswith("-")), "")
-        hint = f" (see llmkit {command_name} --help)" if command_name else " (see llmkit --help)"
-        display.err.print(f"[bold red]error:[/bold red] {e.format_message()}{hint}", soft_wrap=True)
-        sys.exit(e.exit_code)
+        if hasattr(e, "format_message") and hasattr(e, "exit_code"):  # click's usage errors (typer vendors click)
+            command_name = next((a for a in args if not a.startswith("-")), "")
+            display.error(f"{e.format_message()} (see llmkit {command_name} --help)".replace("  ", " "))
+            sys.exit(e.exit_code)
+        if isinstance(e, OSError):
+            _os_error(e)
+        # a bug of ours: one line, and how to see the traceback
+        display.error(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (rerun with "
+                      "--debug for the traceback, and please report it)")
+        sys.exit(1)
     except KeyboardInterrupt:
-        display.err.print("interrupted")
+        display.error("interrupted")
         sys.exit(130)
-    except OSError as e:
-        if debug:
-            raise
-        import errno
 
-        if e.errno == errno.ENOSPC:
-            display.err.print(f"[bold red]error:[/bold red] no space left on the device while writing "
-                              f"{e.filename or 'output'}: free disk space or choose another --output; nothing "
-                              "finished was overwritten", soft_wrap=True)
-        else:
-            display.err.print(f"[bold red]error:[/bold red] {e.strerror or e}: {e.filename or ''} (rerun with "
-                              "--debug for details)", soft_wrap=True)
-        sys.exit(1)
-    except Exception as e:  # a bug of ours: one line, and how to see the traceback
-        if debug:
-            raise
-        display.err.print(f"[bold red]internal error:[/bold red] {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                          " (rerun with --debug for the traceback, and please report it)", soft_wrap=True,
-                          markup=True)
-        sys.exit(1)
+
+def _os_error(e: OSError) -> None:
+    import errno
+
+    if e.errno == errno.ENOSPC:
+        display.error(f"no space left on the device while writing {e.filename or 'the output'}: free disk space or "
+                      "choose another --output; nothing finished was overwritten")
+    else:
+        display.error(f"{e.strerror or e}: {e.filename or ''} (rerun with --debug for details)")
+    sys.exit(1)

@@ -44,7 +44,7 @@ class Common:
 class DataSettings(Common):
     data: list[str] = opt([], "Training data: .txt/.csv/.tsv/.json/.jsonl/.parquet files, a directory or glob "
                               "of them, a datasets.save_to_disk directory, an `llmkit tokenize` output, or a Hub "
-                              "dataset id name[:config]. Repeat the flag for several sources.")
+                              "dataset id name[:config][@split] (split: train by default). Repeat the flag for several sources.")
     eval_data: list[str] = opt([], "Held-out data, in the same forms as --data. Without it, --validation-split "
                                    "carves a held-out part out of --data.")
     validation_split: float = opt(0.05, "Fraction of --data held out for evaluation when --eval-data is not "

@@ -22,6 +22,13 @@ def info(message: str) -> None:
         err.print(message)
 
 
+def error(message: str) -> None:
+    """One line on stderr; the message is printed as is (no markup: it may hold [MASK] or paths with [])."""
+    from rich.text import Text
+
+    err.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
+
+
 def detail(message: str) -> None:
     if _state["verbose"] and not _state["quiet"]:
         err.print(f"[dim]{message}[/dim]")

@@ -199,9 +199,10 @@ def _load_one(source: Source, trust_remote_code: bool):
             loaded = loaded[split]
         return loaded
     if source.kind == "hub":
-        name, _, config = source.name.partition(":")
+        spec, _, split = source.name.partition("@")
+        name, _, config = spec.partition(":")
         try:
-            return datasets.load_dataset(name, config or None, split="train", trust_remote_code=trust_remote_code)
+            return datasets.load_dataset(name, config or None, split=split or "train")
         except Exception as e:
             raise LlmkitError(f"could not load the Hub dataset {source.name!r}: {_first_line(e)}") from None
     groups: dict[str, list[Path]] = {}

@@ -83,11 +83,17 @@ def make_accelerator(precision: str, report_to: list[str] | None = None, project
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resolved = resolve_precision(precision, device)
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[resolved]
+    from accelerate.state import AcceleratorState
+
+    # Accelerate keeps one state per process; the Python API may run several commands with different
+    # precisions in one process, so a state of another precision is dropped (the process group is kept).
+    if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") != mixed:
+        AcceleratorState._reset_state()
     try:
         accelerator = Accelerator(mixed_precision=mixed, log_with=report_to or None, project_dir=project_dir)
-    except (ImportError, ValueError) as e:
-        raise UsageError(f"{e}: install the tracker's package (pip install tensorboard / wandb) or drop "
-                         "--report-to") from None
+    except ImportError as e:
+        raise UsageError(f"--report-to {','.join(report_to or [])}: {e}; install the tracker's package (pip install "
+                         "tensorboard / wandb) or drop --report-to") from None
     return accelerator, resolved
 
 

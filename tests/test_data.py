@@ -1,0 +1,125 @@
+"""The dataset pipeline: reading, packing, caching, labels."""
+
+import json
+
+import numpy as np
+import pytest
+
+from llmkit import data as pipeline
+from llmkit import sources as src
+from llmkit.errors import LlmkitError, UsageError
+from llmkit.tokenizer import load_tokenizer
+
+
+def test_packing_loses_and_duplicates_no_token(shakespeare, tokenizer_dir, tmp_path):
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    corpus = pipeline.tokenize_corpus([str(shakespeare)], tokenizer, output=tmp_path / "c")
+    stream = corpus.stream("train")
+    docs = list(src.text_documents(shakespeare, "paragraph"))
+    expected = []
+    for doc in docs:
+        expected += tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert stream.n_tokens == len(expected) == corpus.info["tokens"]
+    assert stream.n_documents == len(docs)
+    for block_size in (7, 64, 1000):
+        blocks = pipeline.PackedBlocks(stream, block_size)
+        assert len(blocks) == len(expected) // block_size
+        got = blocks.batch(np.arange(len(blocks)))["input_ids"].reshape(-1).tolist()
+        assert got == expected[: len(blocks) * block_size]
+
+
+def test_validation_split_is_disjoint_and_fixed(shakespeare, tokenizer_dir, tmp_path):
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    a = pipeline.tokenize_corpus([str(shakespeare)], tokenizer, validation_split=0.1, output=tmp_path / "a")
+    b = pipeline.tokenize_corpus([str(shakespeare)], tokenizer, validation_split=0.1, output=tmp_path / "b")
+    total = pipeline.tokenize_corpus([str(shakespeare)], tokenizer, output=tmp_path / "all").info["tokens"]
+    assert a.info["tokens"] + a.info["validation_tokens"] == total
+    assert 0.05 < a.info["validation_tokens"] / total < 0.15
+    va, vb = a.validation_stream(), b.validation_stream()
+    assert va.slice(0, va.n_tokens).tolist() == vb.slice(0, vb.n_tokens).tolist()
+
+
+def test_cache_hit_and_key_changes(shakespeare, tokenizer_dir, wordpiece_dir, tmp_path):
+    bpe = load_tokenizer(str(tokenizer_dir))
+    first = pipeline.tokenize_corpus([str(shakespeare)], bpe, cache_dir=str(tmp_path))
+    second = pipeline.tokenize_corpus([str(shakespeare)], bpe, cache_dir=str(tmp_path))
+    assert not first.info["cached"] and second.info["cached"] and first.path == second.path
+    other_tokenizer = pipeline.tokenize_corpus([str(shakespeare)], load_tokenizer(str(wordpiece_dir)),
+                                               cache_dir=str(tmp_path))
+    other_setting = pipeline.tokenize_corpus([str(shakespeare)], bpe, cache_dir=str(tmp_path), sample_by="line")
+    changed = tmp_path / "changed.txt"
+    changed.write_text(shakespeare.read_text() + "\nOne more line.\n")
+    other_content = pipeline.tokenize_corpus([str(changed)], bpe, cache_dir=str(tmp_path))
+    paths = {first.path, other_tokenizer.path, other_setting.path, other_content.path}
+    assert len(paths) == 4
+
+
+def test_sample_by_modes(tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text("a b\nc d\n\n\ne f\n")
+    assert list(src.text_documents(f, "line")) == ["a b", "c d", "e f"]
+    assert list(src.text_documents(f, "paragraph")) == ["a b\nc d", "e f"]
+    assert list(src.text_documents(f, "document")) == ["a b\nc d\n\n\ne f"]
+
+
+def test_non_utf8_names_the_line(tmp_path):
+    f = tmp_path / "latin1.txt"
+    f.write_bytes("line one\nline two\ncaf\xe9\n".encode("latin-1"))
+    with pytest.raises(LlmkitError, match=r"latin1.txt, line 3: not valid UTF-8"):
+        list(src.text_documents(f, "line"))
+
+
+def test_sources_resolve_errors(tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        src.resolve([str(tmp_path / "missing.txt")])
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(LlmkitError, match="is empty"):
+        src.resolve([str(tmp_path / "empty.txt")])
+    (tmp_path / "bin.txt").write_bytes(b"\x00\x01\x02binary")
+    with pytest.raises(LlmkitError, match="binary file"):
+        src.resolve([str(tmp_path / "bin.txt")])
+    with pytest.raises(LlmkitError, match="Hub is off"):
+        src.resolve(["some-org/some-dataset"])
+
+
+def test_directory_glob_and_formats(tmp_path, tokenizer_dir):
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    d = tmp_path / "docs"
+    d.mkdir()
+    (d / "a.jsonl").write_text("\n".join(json.dumps({"text": f"row {i}", "id": i}) for i in range(5)) + "\n")
+    (d / "b.jsonl").write_text(json.dumps({"text": "last row", "id": 9}) + "\n")
+    by_dir = pipeline.tokenize_corpus([str(d)], tokenizer, output=tmp_path / "x")
+    by_glob = pipeline.tokenize_corpus([str(d / "*.jsonl")], tokenizer, output=tmp_path / "y")
+    assert by_dir.info["documents"] == by_glob.info["documents"] == 6
+
+
+def test_classification_labels(tmp_path, tokenizer_dir):
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    f = tmp_path / "d.csv"
+    f.write_text("text,label\ngood,pos\nbad,neg\nfine,pos\n")
+    ds, labels = pipeline.prepare_classification([str(f)], tokenizer, None, text_column=None, text_pair_column=None,
+                                                 label_column=None, max_length=32)
+    assert labels.names == ["neg", "pos"]
+    assert ds["labels"] == [1, 0, 1]
+    single = tmp_path / "one.csv"
+    single.write_text("text,label\ngood,pos\nfine,pos\n")
+    with pytest.raises(LlmkitError, match="single class"):
+        pipeline.prepare_classification([str(single)], tokenizer, None, text_column=None, text_pair_column=None,
+                                        label_column=None, max_length=32)
+    with pytest.raises(LlmkitError, match="labels the model does not know"):
+        pipeline.prepare_classification([str(f)], tokenizer, pipeline.LabelSpace(["neg", "neutral"]),
+                                        text_column=None, text_pair_column=None, label_column=None, max_length=32)
+    with pytest.raises(UsageError, match="no column 'txt'"):
+        pipeline.prepare_classification([str(f)], tokenizer, None, text_column="txt", text_pair_column=None,
+                                        label_column=None, max_length=32)
+
+
+def test_step_sampler_is_independent_of_processes_and_accumulation():
+    sampler = pipeline.StepSampler(100, 8, seed=3)
+    for step in (0, 5, 12, 13):  # 12 steps per epoch: 13 is in the second epoch
+        one = np.concatenate(sampler.micro_batches(step, 0, 1, 8))
+        two = np.concatenate(sampler.micro_batches(step, 0, 2, 2) + sampler.micro_batches(step, 1, 2, 2))
+        assert one.tolist() == two.tolist()
+    epoch0 = np.concatenate([sampler.micro_batches(s, 0, 1, 8)[0] for s in range(12)])
+    assert len(set(epoch0.tolist())) == 96  # no example twice in an epoch

@@ -1,0 +1,167 @@
+"""Pretraining: both objectives learn, save loadable models, resume exactly, accumulate exactly."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import read_metrics, tiny_pretrain
+from safetensors.torch import load_file
+
+from llmkit.tasks import make_masking
+from llmkit.tokenizer import load_tokenizer
+
+
+def _losses(run):
+    return [m["loss"] for m in read_metrics(run) if "loss" in m]
+
+
+def _same_logits(run, auto_class, input_ids):
+    import transformers
+
+    model = getattr(transformers, auto_class).from_pretrained(run).eval()
+    last = sorted((run / "checkpoints").glob("step-*"))[-1]
+    reference = getattr(transformers, auto_class).from_pretrained(run).eval()
+    state = load_file(last / "model.safetensors")
+    missing, unexpected = reference.load_state_dict(state, strict=False)
+    assert not unexpected
+    with torch.no_grad():
+        return torch.allclose(model(input_ids).logits, reference(input_ids).logits, atol=1e-6)
+
+
+def test_clm_learns_and_saves_a_transformers_model(clm_run):
+    run, metrics = clm_run
+    losses = _losses(run)
+    assert losses[-1] < losses[0] - 0.7, losses  # from ~ln(1000) = 6.9 at the start
+    assert metrics["eval_loss"] < 6.0 and metrics["eval_perplexity"] > 1
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "README.md",
+                 "llmkit_run.json"):
+        assert (run / name).is_file(), name
+    assert (run / "best" / "model.safetensors").is_file()
+    tokenizer = load_tokenizer(str(run))
+    ids = torch.tensor([tokenizer("ROMEO: What light", add_special_tokens=False)["input_ids"]])
+    assert _same_logits(run, "AutoModelForCausalLM", ids)
+
+
+def test_mlm_learns_and_saves_a_transformers_model(mlm_run):
+    run, metrics = mlm_run
+    losses = _losses(run)
+    assert losses[-1] < losses[0] - 0.7, losses  # from ~ln(1000) = 6.9 at the start
+    tokenizer = load_tokenizer(str(run))
+    ids = torch.tensor([tokenizer("Good [MASK], my lord")["input_ids"]])
+    assert _same_logits(run, "AutoModelForMaskedLM", ids)
+
+
+def test_mlm_masking_statistics(wordpiece_dir):
+    tokenizer = load_tokenizer(str(wordpiece_dir))
+    masking = make_masking(tokenizer, 0.15, whole_word=False)
+    ids = torch.randint(len(tokenizer.all_special_ids) + 5, len(tokenizer), (200, 512))
+    ids[:, 0] = tokenizer.cls_token_id  # special tokens are never selected
+    masked, labels = masking(ids, torch.Generator().manual_seed(0))
+    selected = labels != -100
+    assert not selected[:, 0].any()
+    share = selected[:, 1:].float().mean().item()
+    assert 0.145 < share < 0.155
+    became_mask = (masked == tokenizer.mask_token_id) & selected
+    kept = (masked == ids) & selected
+    assert 0.78 < became_mask.sum().item() / selected.sum().item() < 0.82
+    assert 0.085 < kept.sum().item() / selected.sum().item() < 0.115  # 10% kept, plus random draws of the same id
+    assert torch.equal(masked[~selected], ids[~selected])
+
+
+def test_whole_word_masking_masks_whole_words(wordpiece_dir):
+    tokenizer = load_tokenizer(str(wordpiece_dir))
+    masking = make_masking(tokenizer, 0.3, whole_word=True)
+    text = " ".join(["unquestionably extraordinary circumstances"] * 40)
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    _, labels = masking(ids, torch.Generator().manual_seed(1))
+    tokens = tokenizer.convert_ids_to_tokens(ids[0].tolist())
+    selected = (labels[0] != -100).tolist()
+    for i in range(1, len(tokens)):
+        if tokens[i].startswith("##"):
+            assert selected[i] == selected[i - 1], "a word was split by the mask"
+    assert any(selected)
+
+
+def test_continue_pretraining_from_a_saved_model(clm_run, shakespeare, tmp_path):
+    run, _ = clm_run
+    from llmkit.api import pretrain
+    from llmkit.config import PretrainConfig, build_config
+
+    metrics = pretrain(build_config(PretrainConfig, flags=dict(
+        data=[str(shakespeare)], output=str(tmp_path / "more"), model=str(run), block_size=64, global_batch_size=16,
+        max_steps=10, quiet=True, precision="fp32")))
+    assert metrics["eval_loss"] < 6.0  # starts from the trained model, not from scratch (~6.9 for 1,000 tokens)
+
+
+def _weights(run):
+    return load_file(run / "model.safetensors")
+
+
+def _assert_same_weights(a, b, atol):
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=atol, rtol=0), k
+
+
+@pytest.mark.parametrize("objective", ["clm", "mlm"])
+def test_accumulation_2x_half_equals_1x_full(objective, shakespeare, tokenizer_dir, wordpiece_dir, tmp_path):
+    tok = tokenizer_dir if objective == "clm" else wordpiece_dir
+    tiny_pretrain(objective, shakespeare, tmp_path / "full", tok, max_steps=6, global_batch_size=16, eval_every=100)
+    tiny_pretrain(objective, shakespeare, tmp_path / "half", tok, max_steps=6, global_batch_size=16,
+                  micro_batch_size=8, eval_every=100)
+    _assert_same_weights(tmp_path / "full", tmp_path / "half", atol=1e-5)
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "llmkit", *args]
+
+
+def test_resume_after_sigkill_gives_the_same_weights(shakespeare, tokenizer_dir, tmp_path):
+    common = ["pretrain", "--data", str(shakespeare), "--tokenizer", str(tokenizer_dir), "--model", "tiny",
+              "--block-size", "64", "--global-batch-size", "16", "--max-steps", "40", "--save-every", "4",
+              "--eval-every", "20", "--precision", "fp32", "--quiet", "--keep-checkpoints", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(_cli(*common, "--output", str(tmp_path / "straight")), check=True, env=env)
+    interrupted = tmp_path / "interrupted"
+    kills = 0
+    for _ in range(8):
+        resume = ["--resume", "auto"] if (interrupted / "checkpoints").is_dir() else []
+        proc = subprocess.Popen(_cli(*common, "--output", str(interrupted), *resume), env=env)
+        deadline = time.time() + 120
+        before = {p.name for p in (interrupted / "checkpoints").glob("step-*")} if resume else set()
+        while proc.poll() is None and time.time() < deadline:
+            now = {p.name for p in (interrupted / "checkpoints").glob("step-*")}
+            if len(now - before) >= 2:
+                time.sleep(0.05 * kills)  # land at different moments: mid-step, mid-save
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+                break
+            time.sleep(0.01)
+        proc.wait()
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -signal.SIGKILL
+    assert kills >= 2, "the run finished before it could be killed twice"
+    assert (interrupted / "llmkit_run.json").is_file()
+    _assert_same_weights(tmp_path / "straight", interrupted, atol=1e-6)
+
+
+def test_sigterm_writes_a_checkpoint_and_says_how_to_resume(shakespeare, tokenizer_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_cli("pretrain", "--data", str(shakespeare), "--tokenizer", str(tokenizer_dir),
+                                 "--model", "tiny", "--block-size", "64", "--max-steps", "100000", "--save-every",
+                                 "100000", "--output", str(out), "--precision", "fp32"),
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").is_file() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "--resume auto" in err and "Traceback" not in err
+    assert any(p.is_dir() for p in (out / "checkpoints").glob("step-*"))
