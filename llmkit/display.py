@@ -14,7 +14,10 @@ out = Console(highlight=False, soft_wrap=True)
 
 
 def configure(quiet: bool = False, verbose: bool = False) -> None:
-    _state.update(quiet=quiet, verbose=verbose)
+    from llmkit.launch import is_main_process
+
+    # Only the main process of a multi-process run talks to the user; the others would repeat it.
+    _state.update(quiet=quiet or not is_main_process(), verbose=verbose)
 
 
 def info(message: str) -> None:

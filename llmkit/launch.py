@@ -18,6 +18,11 @@ from llmkit.errors import UsageError
 LAUNCHED = "LLMKIT_LAUNCHED"
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a launched job, or a process that was not launched at all (before any process group exists)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def already_launched() -> bool:
     return bool(os.environ.get(LAUNCHED)) or "LOCAL_RANK" in os.environ or "RANK" in os.environ and \
         "WORLD_SIZE" in os.environ
@@ -35,8 +40,11 @@ def launch_command(cfg: Any, argv: list[str]) -> list[str]:
                          f"of --num-machines {machines}")
     if getattr(cfg, "machine_rank", 0) >= machines:
         raise UsageError(f"--machine-rank {cfg.machine_rank} must be below --num-machines {machines}")
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
-               "--num_machines", str(machines)]
+    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    if cfg.num_processes or not cfg.accelerate_config:  # else the config file's own number counts
+        command += ["--num_processes", str(processes)]
+    if machines > 1 or not cfg.accelerate_config:
+        command += ["--num_machines", str(machines)]
     if machines > 1:
         command += ["--machine_rank", str(cfg.machine_rank), "--main_process_ip", cfg.main_process_ip]
     if getattr(cfg, "main_process_port", None):
@@ -46,10 +54,11 @@ def launch_command(cfg: Any, argv: list[str]) -> list[str]:
             raise UsageError(f"--accelerate-config {cfg.accelerate_config} does not exist: check the path "
                              "(ready-made ones are in recipes/accelerate/)")
         command += ["--config_file", cfg.accelerate_config]
-    elif not torch.cuda.is_available():
-        command += ["--cpu"]
     elif processes > 1 or machines > 1:
+        # accelerate's torchrun-based launcher; without CUDA, llmkit's processes join a gloo group (multi-CPU)
         command += ["--multi_gpu"]
+        if not torch.cuda.is_available():
+            command += ["--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) * machines // processes))]
     command += ["--dynamo_backend", "no", "-m", "llmkit", *argv]
     return command
 

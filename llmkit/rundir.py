@@ -27,6 +27,21 @@ LOCK = ".llmkit.lock"
 OWNED = ("checkpoints", "best", "metrics.jsonl", "curves.png", RECORD)
 
 
+def _save_model(model, directory: Path) -> None:
+    """save_pretrained, also on the local main process of a machine that does not share the output directory
+    (transformers writes only on global rank 0 once torch.distributed is initialised)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0):
+        model.save_pretrained(directory)
+        return
+    model.should_save_on_this_rank = lambda is_main_process: is_main_process
+    try:
+        model.save_pretrained(directory)
+    finally:
+        del model.should_save_on_this_rank
+
+
 class RunDir:
     def __init__(self, path: Path, main: bool = True):
         self.path = path
@@ -120,7 +135,7 @@ class RunDir:
         if final:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
-        model.save_pretrained(tmp)
+        _save_model(model, tmp)
         tokenizer.save_pretrained(tmp)
         full = {**(self.read_record() or {}), **record, "status": "finished" if final else "best"}
         (tmp / "README.md").write_text(model_card(model, full))

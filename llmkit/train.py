@@ -90,7 +90,8 @@ def make_accelerator(precision: str, report_to: list[str] | None = None, project
     if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") != mixed:
         AcceleratorState._reset_state()
     try:
-        accelerator = Accelerator(mixed_precision=mixed, log_with=report_to or None, project_dir=project_dir)
+        accelerator = Accelerator(mixed_precision=mixed, log_with=report_to or None, project_dir=project_dir,
+                                  cpu=device.type == "cpu")
     except ImportError as e:
         raise UsageError(f"--report-to {','.join(report_to or [])}: {e}; install the tracker's package (pip install "
                          "tensorboard / wandb) or drop --report-to") from None
@@ -202,7 +203,7 @@ def fit(job: TrainJob) -> dict[str, Any]:
     accelerator, precision = make_accelerator(cfg.precision, cfg.report_to, cfg.output)
     rank, world = accelerator.process_index, accelerator.num_processes
     plan = make_plan(job, world, precision)
-    run = RunDir(Path(cfg.output), main=accelerator.is_main_process)
+    run = RunDir(Path(cfg.output), main=writes_output(accelerator, Path(cfg.output)))
     base_model = job.model
     if cfg.gradient_checkpointing:
         base_model.gradient_checkpointing_enable()
@@ -339,7 +340,7 @@ def _loop(job, plan, accelerator, model, base_model, optimizer, scheduler, sampl
                 progress.update(step, log=True, **{f"eval_{job.metric}": eval_metrics[job.metric]})
                 if better(job.metric, eval_metrics[job.metric], state["best"]):
                     state.update(best=eval_metrics[job.metric], best_step=step, bad_evals=0)
-                    if accelerator.is_main_process:
+                    if run.main:
                         run.export(base_model, job.tokenizer, run.path / "best",
                                    {**job.record, "step": step, "metrics": eval_metrics})
                 else:
@@ -361,11 +362,52 @@ def _loop(job, plan, accelerator, model, base_model, optimizer, scheduler, sampl
     final = {"step": step, "train_loss": train_loss, **{f"eval_{k}": v for k, v in eval_metrics.items()}}
     if state["best"] is not None:
         final.update(best_step=state["best_step"], **{f"best_{job.metric}": state["best"]})
-    if accelerator.is_main_process:
-        run.export(base_model, job.tokenizer, run.path, {**job.record, "step": step, "metrics": final},
-                   final=True)
+    digests = [weights_digest(base_model)]
+    if world > 1:  # data parallelism must leave every process with the same weights: check it
+        from accelerate.utils import gather_object
+
+        digests = gather_object(digests)
+        if len(set(digests)) > 1:
+            raise LlmkitError(f"the {world} processes ended with different weights ({', '.join(d[:8] for d in digests)})"
+                              ": please report this with `llmkit env` and the command")
+    if run.main:
+        run.export(base_model, job.tokenizer, run.path, {**job.record, "step": step, "metrics": final,
+                                                         "weights_sha256_by_rank": digests}, final=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def writes_output(accelerator, output: Path) -> bool:
+    """Whether this process writes the run directory: the main process, and on a machine that does not share
+    the main process's --output (no shared file system), that machine's local main process too - so that every
+    machine ends with the model and can resume from its own checkpoints."""
+    if accelerator.num_processes == 1:
+        return True
+    import secrets
+
+    from accelerate.utils import broadcast_object_list
+
+    token = [secrets.token_hex(8) if accelerator.is_main_process else None]
+    marker = output / f".llmkit-shared-{token[0]}" if accelerator.is_main_process else None
+    if marker is not None:
+        output.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    broadcast_object_list(token)
+    shared = (output / f".llmkit-shared-{token[0]}").exists()
+    accelerator.wait_for_everyone()
+    if marker is not None:
+        marker.unlink()
+    return accelerator.is_main_process or (accelerator.is_local_main_process and not shared)
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _count_items(job: TrainJob, batches: list[dict], device) -> torch.Tensor:
@@ -393,11 +435,11 @@ def _check_finite(loss: float, step: int, run: RunDir) -> None:
 def _save_checkpoint(accelerator, run: RunDir, model, optimizer, scheduler, step: int, plan: Plan, state: dict,
                      signature: str, keep: int) -> None:
     directory = run.path / "checkpoints" / f"step-{step:08d}"
-    tmp = ckpt.temporary_sibling(directory, create=accelerator.is_main_process)
+    tmp = ckpt.temporary_sibling(directory, create=run.main)
     accelerator.wait_for_everyone()
     ckpt.save_rng(tmp, accelerator.process_index)  # every process has its own RNG streams
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    if run.main:
         training_state = {"step": step, "processes": plan.processes, "global_batch": plan.global_batch,
                           "model_signature": signature, **state}
         ckpt.save_training_state(tmp, model, optimizer, scheduler, training_state)
