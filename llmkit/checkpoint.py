@@ -148,16 +148,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _torch_save(obj: Any, path: Path) -> None:
+    """torch.save through a Python file: a full disk then raises OSError (ENOSPC), not an opaque RuntimeError."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
 def save_rng(directory: Path, rank: int) -> None:
-    torch.save(rng_state(), directory / f"rng-{rank}.pt")
+    _torch_save(rng_state(), directory / f"rng-{rank}.pt")
 
 
 def save_training_state(directory: Path, model, optimizer, scheduler, state: dict[str, Any]) -> None:
     from safetensors.torch import save_model
 
     save_model(model, str(directory / "model.safetensors"))
-    torch.save(optimizer.state_dict(), directory / "optimizer.pt")
-    torch.save(scheduler.state_dict(), directory / "scheduler.pt")
+    _torch_save(optimizer.state_dict(), directory / "optimizer.pt")
+    _torch_save(scheduler.state_dict(), directory / "scheduler.pt")
     (directory / STATE).write_text(json.dumps(state, indent=1))
 
 

@@ -46,7 +46,8 @@ def _annotation(cls: type, f: dataclasses.Field) -> tuple[Any, Any]:
     if meta.get("short"):
         names.append(meta["short"])
     annotation = Optional[list[inner]] if is_list else Optional[inner]
-    return annotation, typer.Option(*names, help=help_text, show_default=False)
+    metavar = None if inner is bool else {int: "INT", float: "NUMBER"}.get(inner, "TEXT")
+    return annotation, typer.Option(*names, help=help_text, show_default=False, metavar=metavar)
 
 
 def command(name: str, cls: type, run: Callable[[Any], Any], show: Callable[[Any, Any], None], summary: str,
@@ -66,10 +67,16 @@ def command(name: str, cls: type, run: Callable[[Any], Any], show: Callable[[Any
 
             if relaunch_if_needed(cfg):
                 return
-        show(cfg, run(cfg))
+        result = run(cfg)
+        from llmkit.launch import is_main_process
+
+        if is_main_process():
+            show(cfg, result)
 
     params = []
-    for f in dataclasses.fields(cls):
+    common = {f.name for f in dataclasses.fields(settings.Common)}
+    ordered = sorted(dataclasses.fields(cls), key=lambda f: f.name in common)  # the command's own flags first
+    for f in ordered:
         annotation, info = _annotation(cls, f)
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
                                         annotation=Annotated[annotation, info]))
@@ -83,7 +90,9 @@ def command(name: str, cls: type, run: Callable[[Any], Any], show: Callable[[Any
     body.__signature__ = inspect.Signature(params)
     body.__annotations__ = {p.name: p.annotation for p in params}
     body.__doc__ = f"{summary}\n\nExample:\n\n    {example}"
-    app.command(name, help=body.__doc__, no_args_is_help=True)(body)
+    # A command that needs input shows its help when called bare; one that needs none (env, recipes) just runs.
+    needs_input = any(f.metadata["required"] or f.metadata["argument"] for f in dataclasses.fields(cls))
+    app.command(name, help=body.__doc__, no_args_is_help=needs_input)(body)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -106,6 +115,9 @@ def show_tokenize(cfg: settings.TokenizeConfig, summary: dict[str, Any]) -> None
 
 
 def show_training(cfg: Any, metrics: dict[str, Any]) -> None:
+    if cfg.dry_run:
+        display.table("plan (dry run: nothing was written; FLOPs and memory are estimates)", _scalars(metrics))
+        return
     if cfg.quiet:
         return
     display.table(f"finished: model saved in {cfg.output}", _scalars(metrics))
@@ -144,6 +156,80 @@ def show_classify(cfg: settings.ClassifyConfig, results: list[dict[str, Any]]) -
         sys.stdout.write(f"{labels}\t{r['text']}{note}\n")
 
 
+def show_generate(cfg: settings.GenerateConfig, results: list[dict[str, Any]]) -> None:
+    if cfg.json:
+        for r in results:
+            _print_json(r)
+        return
+    # Written as is (rich would expand tabs and read [brackets] as markup); a blank line between texts.
+    texts = [r["prompt"] + completion for r in results for completion in r["completions"]]
+    sys.stdout.write("\n\n".join(texts) + "\n")
+
+
+def show_fill(cfg: settings.FillConfig, results: list[dict[str, Any]]) -> None:
+    for r in results:
+        if cfg.json:
+            _print_json(r)
+            continue
+        sys.stdout.write(f"{r['filled']}\n")
+        for number, ranked in enumerate(r["masks"], start=1):
+            sys.stdout.write(f"  mask {number}: " + "  ".join(f"{x['token']} {x['score']:.4f}" for x in ranked) + "\n")
+
+
+def show_env(cfg: settings.EnvConfig, info: dict[str, Any]) -> None:
+    if cfg.json:
+        _print_json(info)
+        return
+    from rich.table import Table
+
+    _pairs("versions", info["versions"])
+    devices = Table(title="devices", header_style="bold")
+    for column in ("device", "name", "details", "bf16 fast"):
+        devices.add_column(column)
+    for d in info["devices"]:
+        details = f"{d['memory_gb']} GB" if "memory_gb" in d else f"{d['cores']} cores, torch uses {d['torch_threads']}"
+        devices.add_row(d["device"], d["name"], details, "yes" if d["bf16_fast"] else "no")
+    display.out.print(devices)
+    accelerate = info["accelerate_config"]
+    if not accelerate["exists"]:
+        shown = f"none ({accelerate['path']} does not exist; `accelerate config` writes it)"
+    else:
+        shown = ", ".join([accelerate["path"], *(f"{k} {v}" for k, v in accelerate.items()
+                                                 if k not in ("path", "exists"))])
+    _pairs("setup", {"default device": info["default_device"], "--precision auto": info["precision_auto"],
+                     "accelerate config": shown, "llmkit cache": info["cache_dir"], "hub": info["hub"]})
+
+
+def _pairs(title: str, rows: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    t = Table(title=title, show_header=False)
+    t.add_column(style="bold", no_wrap=True)
+    t.add_column(overflow="fold")
+    for key, value in rows.items():
+        t.add_row(key, str(value))
+    display.out.print(t)
+
+
+def show_recipes(cfg: settings.RecipesConfig, found: list[dict[str, str]]) -> None:
+    if cfg.json:
+        _print_json(found)
+        return
+    from rich.table import Table
+
+    t = Table(title="recipes (run one with llmkit COMMAND --recipe PATH)", header_style="bold")
+    t.add_column("path", no_wrap=True)
+    t.add_column("command", no_wrap=True)
+    t.add_column("description", overflow="fold")
+    for r in found:
+        t.add_row(r["path"], r["command"], r["description"])
+    display.out.print(t)
+
+
+def show_plot(cfg: settings.PlotConfig, path: Path) -> None:
+    sys.stdout.write(f"{path}\n")
+
+
 def _api(name: str) -> Callable[[Any], Any]:
     def run(cfg: Any) -> Any:
         from llmkit import api
@@ -169,6 +255,20 @@ command("evaluate", settings.EvaluateConfig, _api("evaluate"), show_evaluate,
 command("classify", settings.ClassifyConfig, _api("classify"), show_classify,
         "Label texts with a fine-tuned classifier (arguments, --file, or - for stdin).",
         'llmkit classify "a gripping, funny film" --model runs/cls --top-k 2')
+command("generate", settings.GenerateConfig, _api("generate"), show_generate,
+        "Continue a prompt with a causal (GPT-style) language model.",
+        'llmkit generate "ROMEO:" --model runs/lm --max-new-tokens 40 --temperature 0.8 --seed 1')
+command("fill", settings.FillConfig, _api("fill"), show_fill,
+        "Predict the masked words of a text with a masked (BERT-style) language model.",
+        'llmkit fill "The {mask} is bright." --model runs/mlm --top-k 5')
+command("env", settings.EnvConfig, _api("env"), show_env,
+        "Show llmkit's environment: library versions, devices, bf16, accelerate config, cache directory.",
+        "llmkit env --json")
+command("recipes", settings.RecipesConfig, _api("recipes"), show_recipes,
+        "List the shipped recipes: path, command, description.", "llmkit recipes")
+command("plot", settings.PlotConfig, _api("plot"), show_plot,
+        "Plot training and validation curves of one run or several into one image.",
+        "llmkit plot runs/lm runs/lm-big --output curves.png")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -192,10 +292,12 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         if hasattr(e, "format_message") and hasattr(e, "exit_code"):  # click's usage errors (typer vendors click)
+            if not e.format_message():  # a bare command: its help was printed, nothing more to say
+                sys.exit(e.exit_code)
             command_name = next((a for a in args if not a.startswith("-")), "")
             display.error(f"{e.format_message()} (see llmkit {command_name} --help)".replace("  ", " "))
             sys.exit(e.exit_code)
-        if isinstance(e, OSError):
+        if isinstance(e, OSError) or _disk_full(e):
             _os_error(e)
         # a bug of ours: one line, and how to see the traceback
         display.error(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (rerun with "
@@ -206,12 +308,23 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
 
 
-def _os_error(e: OSError) -> None:
+def _disk_full(error: BaseException | None) -> bool:
+    """A full disk, however it is reported: an OSError, torch's RuntimeError raised while handling one, or
+    safetensors' error text (Rust's "os error 28")."""
     import errno
 
-    if e.errno == errno.ENOSPC:
-        display.error(f"no space left on the device while writing {e.filename or 'the output'}: free disk space or "
-                      "choose another --output; nothing finished was overwritten")
+    while error is not None:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC or f"(os error {errno.ENOSPC})" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _os_error(e: Exception) -> None:
+    if _disk_full(e):
+        where = getattr(e, "filename", None) or "the output"
+        display.error(f"no space left on the device while writing {where}: free disk space or choose another "
+                      "--output; nothing finished was overwritten")
     else:
         display.error(f"{e.strerror or e}: {e.filename or ''} (rerun with --debug for details)")
     sys.exit(1)

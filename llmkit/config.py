@@ -373,3 +373,54 @@ def to_yaml(config: Any) -> str:
 
 def to_json(config: Any) -> str:
     return json.dumps(to_dict(config), indent=2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Settings of the commands that use a trained model or look around: generate, fill, env, recipes, plot.
+
+
+@dataclass
+class GenerateConfig(Common):
+    prompts: list[str] = opt([], "Prompts to continue; each gets its own texts.", argument=True)
+    model: Optional[str] = opt(None, "A causal language model: a directory (`llmkit pretrain --objective clm` "
+                                     "output or any GPT-style model) or a Hub id.", short="-m", required=True)
+    max_new_tokens: int = opt(50, "Tokens to generate after the prompt (fewer if the model ends the text).",
+                              check="positive")
+    temperature: float = opt(1.0, "Sampling temperature: below 1 sticks to likely tokens, above 1 varies more; "
+                                  "0 takes the most likely token every time (greedy, no sampling).",
+                             check="nonneg")
+    top_k: int = opt(50, "Sample among the k most likely tokens only (0: no limit).", check="nonneg")
+    top_p: float = opt(1.0, "Sample among the most likely tokens whose probabilities add up to p (nucleus "
+                            "sampling; 1: no limit).", check="prob")
+    seed: Optional[int] = opt(None, "Sampling seed: the same seed, prompt and settings give the same text "
+                                    "(default: a fresh seed each run, shown by --json).")
+    num_return_sequences: int = opt(1, "Texts to generate per prompt (needs --temperature above 0).",
+                                    check="positive")
+    json: bool = opt(False, "Print one JSON object per prompt.")
+
+
+@dataclass
+class FillConfig(Common):
+    texts: list[str] = opt([], "Texts with one or more masks: `{mask}`, or the model's own mask token such as "
+                               "[MASK].", argument=True)
+    model: Optional[str] = opt(None, "A masked language model: a directory (`llmkit pretrain --objective mlm` "
+                                     "output or any BERT-style model) or a Hub id.", short="-m", required=True)
+    top_k: int = opt(5, "Predictions to show per mask.", check="positive")
+    json: bool = opt(False, "Print one JSON object per text.")
+
+
+@dataclass
+class EnvConfig:
+    json: bool = opt(False, "Print everything as one JSON object.")
+
+
+@dataclass
+class RecipesConfig:
+    json: bool = opt(False, "Print the recipes as one JSON list.")
+
+
+@dataclass
+class PlotConfig:
+    run_dirs: list[str] = opt([], "Run directories (the --output of pretrain or finetune) to draw in one figure.",
+                              argument=True)
+    output: Optional[str] = opt(None, "Image to write: .png, .svg or .pdf.", short="-o", required=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -286,10 +287,13 @@ def infer_label_space(values: list[Any], multi_label: bool, separator: str) -> L
 
 
 def _label_order(name: str) -> tuple:
+    """Numbers by value, then the rest by name. A label "nan" sorts as a name: NaN is unordered, and the label ids
+    would then depend on the order of the rows."""
     try:
-        return (0, float(name), name)
+        number = float(name)
     except ValueError:
         return (1, 0.0, name)
+    return (1, 0.0, name) if math.isnan(number) else (0, number, name)
 
 
 def prepare_classification(data: list[str], tokenizer, labels: LabelSpace | None, *, text_column: str | None,

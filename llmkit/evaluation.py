@@ -133,16 +133,21 @@ def classification_metrics(labels: np.ndarray, predictions: np.ndarray, names: l
     return metrics
 
 
-def hub_metric(name: str, predictions: np.ndarray, references: np.ndarray) -> dict[str, Any]:
-    """A metric by name from the `evaluate` library (needs the Hub for its script unless cached)."""
+def hub_metric(name: str, predictions: np.ndarray, references: np.ndarray,
+               trust_remote_code: bool = False) -> dict[str, Any]:
+    """A metric by name from the `evaluate` library (needs the Hub for its script unless cached). The script is
+    Python code that runs here, so it is loaded only with --trust-remote-code."""
     import evaluate
 
-    from llmkit.errors import LlmkitError
+    from llmkit.errors import LlmkitError, UsageError
     from llmkit.hub import offline
 
     if offline():
         raise LlmkitError(f"metric {name!r} is not built in and the Hub is off (HF_HUB_OFFLINE is set): use "
                           "accuracy, f1, precision or recall, or go online to load it")
+    if not trust_remote_code:
+        raise UsageError(f"metric {name!r} is a Python script from the Hub that would run here: pass "
+                         "--trust-remote-code to allow it, or use accuracy, f1, precision or recall")
     try:
         metric = evaluate.load(name)
     except Exception as e:  # evaluate raises many types for a missing metric

@@ -23,17 +23,21 @@ def from_pretrained_or_explain(load: Callable[..., Any], name: str, what: str, *
     """Call `load(name, **kwargs)`; turn "not found", "offline" and "corrupt" failures into LlmkitError."""
     if looks_like_path(name) and not Path(name).expanduser().exists():
         raise LlmkitError(f"{what} {name} does not exist: check the path")
+    from safetensors import SafetensorError  # a truncated or garbled weights file
+
     try:
         return load(name, **kwargs)
-    except (OSError, ValueError, KeyError, EnvironmentError) as e:
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
         raise LlmkitError(explain_load_error(name, what, e)) from e
 
 
 def explain_load_error(name: str, what: str, error: BaseException) -> str:
+    from safetensors import SafetensorError
+
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     local = Path(name).expanduser().exists()
     if local:
-        if "safetensors" in text.lower() or "header" in text.lower() or "deserializ" in text.lower():
+        if isinstance(error, SafetensorError) or "deserializ" in text.lower():
             return f"the weights in {name} are corrupt or truncated ({text}); re-export or re-download the model"
         return f"could not load the {what} in {name}: {text}"
     if offline():

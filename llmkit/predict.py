@@ -127,3 +127,118 @@ class Classifier:
             entry["truncated"] = bool(full[i] > self.max_length)
             results.append(entry)
         return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# generate and fill
+
+MASK_PLACEHOLDER = "{mask}"  # what model cards and examples write, whatever the model's own mask token is
+KINDS = {"clm": "a causal (GPT-style) language model", "mlm": "a masked (BERT-style) language model",
+         "classification": "a classifier"}
+USES = {"clm": "llmkit generate", "mlm": "llmkit fill", "classification": "llmkit classify"}
+
+
+def _language_model(model: str, objective: str):
+    """(model in eval mode on the best device, tokenizer, device) of a model trained for `objective`."""
+    import torch
+
+    from llmkit import tasks
+    from llmkit.tokenizer import load_tokenizer
+
+    found = tasks.objective_of(model)
+    if found != objective:
+        raise LlmkitError(f"{model} is {KINDS[found]}, not {KINDS[objective]}: use `{USES[found]}` with it, or "
+                          f"pass {KINDS[objective]} (`llmkit pretrain --objective {objective}` trains one)")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return tasks.pretrained_model(objective, model).to(device).eval(), load_tokenizer(model), device
+
+
+def generate_texts(model: str, prompts: list[str], *, max_new_tokens: int = 50, temperature: float = 1.0,
+                   top_k: int = 50, top_p: float = 1.0, num_return_sequences: int = 1,
+                   seed: int | None = None) -> list[dict[str, Any]]:
+    """Continuations of each prompt by a causal LM with transformers' `generate`. Every prompt is sampled from
+    the same seed, so a prompt's texts depend only on (prompt, settings, seed), not on the other prompts."""
+    import random
+
+    import torch
+
+    from llmkit import tasks
+
+    if temperature == 0 and num_return_sequences > 1:
+        raise UsageError("--num-return-sequences above 1 needs sampling: greedy decoding (--temperature 0) gives "
+                         "one text per prompt; set --temperature above 0")
+    lm, tokenizer, device = _language_model(model, "clm")
+    positions = tasks.max_positions(lm)
+    if positions is not None and max_new_tokens >= positions:
+        raise UsageError(f"--max-new-tokens {max_new_tokens} leaves no room for the prompt in the model's "
+                         f"{positions} positions: use --max-new-tokens {positions - 1} or less")
+    seed = random.SystemRandom().randrange(2**31) if seed is None else seed
+    sampling = dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p) if temperature > 0 \
+        else dict(do_sample=False)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    results = []
+    for prompt in prompts:
+        ids = tokenizer(prompt)["input_ids"]
+        if not ids:  # an empty prompt: start a fresh document, as after a document separator in training
+            start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+            if start is None:
+                raise UsageError("the prompt is empty and the tokenizer has no bos or eos token to start from: "
+                                 "give a prompt")
+            ids = [start]
+        room = positions - max_new_tokens if positions is not None else len(ids)
+        truncated = len(ids) > room
+        ids = ids[-room:]  # a long prompt keeps its end, which is what the continuation follows
+        torch.manual_seed(seed)
+        with torch.inference_mode():
+            input_ids = torch.tensor([ids], device=device)
+            output = lm.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                 max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences,
+                                 pad_token_id=pad_id, **sampling)
+        # Decode prompt and continuation together and cut the prompt's text off: a token that merges across
+        # the boundary (a WordPiece `##` piece, a split UTF-8 character) then decodes as it should.
+        shown_prompt = tokenizer.decode(ids, skip_special_tokens=True)
+        completions = [tokenizer.decode(row, skip_special_tokens=True)[len(shown_prompt):] for row in output]
+        results.append({"prompt": prompt, "completions": completions, "seed": seed, "truncated": truncated})
+    return results
+
+
+def fill_masks(model: str, texts: list[str], top_k: int = 5) -> list[dict[str, Any]]:
+    """The top_k tokens a masked LM predicts for each mask of each text (`{mask}` or the model's mask token)."""
+    import torch
+
+    from llmkit import tasks
+
+    lm, tokenizer, device = _language_model(model, "mlm")
+    mask = tokenizer.mask_token
+    if mask is None:
+        raise LlmkitError(f"the tokenizer of {model} has no mask token: pass a model trained with masked-language "
+                          "modelling (`llmkit pretrain --objective mlm`)")
+    positions = tasks.max_positions(lm)
+    # Special tokens ([PAD], [CLS], [SEP], [UNK]) are never an answer to "which word goes here": they are left out
+    # of the ranking, and the scores stay the model's probabilities over its whole vocabulary.
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+    k = min(top_k, len(tokenizer) - len(special))
+    results = []
+    for text in texts:
+        marked = text.replace(MASK_PLACEHOLDER, mask)
+        ids = tokenizer(marked)["input_ids"]
+        where = [i for i, token in enumerate(ids) if token == tokenizer.mask_token_id]
+        if not where:
+            raise UsageError(f"no mask in {text!r}: write {MASK_PLACEHOLDER} (or {mask}) where a word is missing, "
+                             f'as in llmkit fill "The {MASK_PLACEHOLDER} is bright." --model DIR')
+        if positions is not None and len(ids) > positions:
+            raise UsageError(f"{text[:40]!r}... is {len(ids)} tokens, more than the model's {positions} positions: "
+                             "shorten it")
+        with torch.inference_mode():
+            input_ids = torch.tensor([ids], device=device)
+            logits = lm(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits[0, where]
+        probs = torch.softmax(logits.float(), dim=-1).cpu()
+        probs[:, special] = 0.0
+        top = probs.topk(k, dim=-1)
+        masks = [[{"token": tokenizer.decode([int(i)]).strip(), "score": float(p)} for p, i in zip(scores, token_ids)]
+                 for scores, token_ids in zip(top.values, top.indices)]
+        filled = marked
+        for ranked in masks:
+            filled = filled.replace(mask, ranked[0]["token"], 1)
+        results.append({"text": text, "filled": filled, "masks": masks})
+    return results

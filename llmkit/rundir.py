@@ -135,14 +135,18 @@ class RunDir:
         if final:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
-        _save_model(model, tmp)
-        tokenizer.save_pretrained(tmp)
         full = {**(self.read_record() or {}), **record, "status": "finished" if final else "best"}
-        (tmp / "README.md").write_text(model_card(model, full))
-        if not final:
-            (tmp / RECORD).write_text(json.dumps(full, indent=2, default=str))
-            ckpt.commit(tmp, directory)
-            return
+        try:
+            _save_model(model, tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "README.md").write_text(model_card(model, full))
+            if not final:
+                (tmp / RECORD).write_text(json.dumps(full, indent=2, default=str))
+                ckpt.commit(tmp, directory)
+                return
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a disk that filled up leaves no half-written model
+            raise
         files = sorted(p.name for p in tmp.iterdir())
         for name in files:
             os.replace(tmp / name, self.path / name)

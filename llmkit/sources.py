@@ -6,6 +6,7 @@ the corpus size) and checked as they are read, so that a bad byte is reported wi
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -221,12 +222,57 @@ def _load_one(source: Source, trust_remote_code: bool):
             parts.append(datasets.Dataset.from_dict({"text": [d for p in files for d in text_documents(p, "line")]}))
             continue
         try:
-            parts.append(datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train",
-                                               **kwargs))
+            with _library_logs_off():  # datasets logs the parse error it raises; it is reported below, once
+                parts.append(datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train",
+                                                   **kwargs))
         except Exception as e:
-            raise LlmkitError(f"could not parse {', '.join(str(p) for p in files)}: {_first_line(e)}; fix the "
-                              "file (every row needs the same columns)") from None
+            problem = _first_json_problem(files) if builder == "json" else _header_only(files)
+            raise LlmkitError(problem or f"could not parse {', '.join(str(p) for p in files)}: {_first_line(e)}; "
+                              "fix the file (every row needs the same columns)") from None
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+@contextlib.contextmanager
+def _library_logs_off() -> Iterator[None]:
+    import datasets
+
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(level)
+
+
+def _first_json_problem(files: list[Path]) -> str | None:
+    """`path, line N: problem` for the first line of a JSON Lines file that is not a JSON object, or None."""
+    for path in files:
+        if path.suffix.lower() != ".jsonl":
+            continue
+        number = 0
+        for chunk in read_text_chunks(path):
+            for text in chunk.splitlines():
+                number += 1
+                if not text.strip():
+                    continue
+                try:
+                    row = json.loads(text)
+                except json.JSONDecodeError as e:
+                    return f"{path}, line {number}: not valid JSON ({e.msg}); fix the line (one object per line)"
+                if not isinstance(row, dict):
+                    return (f"{path}, line {number}: a JSON {type(row).__name__}, not an object; give one "
+                            '{"text": ..., "label": ...} object per line')
+    return None
+
+
+def _header_only(files: list[Path]) -> str | None:
+    """`path holds no rows` for the first table file with a header line and nothing after it, or None."""
+    for path in files:
+        with open(path, "rb") as f:
+            lines = (line for line in f if line.strip())
+            if next(lines, None) is not None and next(lines, None) is None:
+                return f"{path} holds a header but no rows: give data with examples"
+    return None
 
 
 def _first_line(error: BaseException) -> str:

@@ -82,6 +82,9 @@ def check_model_dir(name: str) -> None:
     from pathlib import Path
 
     path = Path(name).expanduser()
+    if path.is_file():
+        raise LlmkitError(f"{name} is a file, not a model directory: pass the directory that holds it "
+                          f"({path.parent})")
     if path.is_dir() and not (path / "config.json").is_file():
         raise LlmkitError(f"{name} is not a model directory (no config.json): pass a directory written by llmkit or "
                           "transformers' save_pretrained, or a Hub id")
@@ -213,10 +216,14 @@ def batch_loss(objective: str, model, batch: dict[str, Any], *, masking: Masking
                multi_label: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(summed loss, number of items it covers, logits for classification metrics or None)."""
     if objective == "clm":
-        logits = model(input_ids=batch["input_ids"]).logits
         targets = batch["input_ids"][:, 1:]
-        loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                               reduction="sum")
+        hidden, weight = _final_hidden(model, batch["input_ids"])
+        if hidden is not None:
+            loss = linear_cross_entropy(hidden[:, :-1].reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1))
+        else:
+            logits = model(input_ids=batch["input_ids"]).logits
+            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                   reduction="sum")
         return loss, torch.tensor(targets.numel(), device=loss.device), None
     if objective == "mlm":
         input_ids, labels = batch.get("masked_ids"), batch.get("mlm_labels")
@@ -237,6 +244,80 @@ def batch_loss(objective: str, model, batch: dict[str, Any], *, masking: Masking
         return loss, torch.tensor(labels.numel(), device=loss.device), logits
     loss = F.cross_entropy(logits.float(), labels, weight=class_weights, reduction="none")
     return loss.sum(), torch.tensor(labels.numel(), device=loss.device), logits
+
+
+def _final_hidden(model, input_ids: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The last hidden states of a causal LM and its output projection, from one forward pass that skips the
+    vocabulary projection (`logits_to_keep=1`). The pass goes through `model` itself, so DDP's bookkeeping sees
+    it. (None, None) where the model does not fit this path (a biased or non-linear head, no logits_to_keep)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    inner = extract_model_from_parallel(model)
+    head = inner.get_output_embeddings()
+    base = getattr(inner, inner.base_model_prefix, None)
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None or base is None or model is not inner \
+            and not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return None, None
+    captured: list[torch.Tensor] = []
+
+    def keep(module, args, output):
+        captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+
+    handle = base.register_forward_hook(keep)
+    try:
+        model(input_ids=input_ids, logits_to_keep=1)
+    except TypeError:  # a model without logits_to_keep
+        return None, None
+    finally:
+        handle.remove()
+    return captured[0], head.weight
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of (hidden @ weight.T) against targets, a chunk of rows at a time: the full
+    [tokens x vocabulary] logits never exist, and the gradients are computed in the same pass (as in Liger
+    Kernel's fused linear cross-entropy). Rows whose target is -100 are ignored."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, dtype, chunk):
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+            grad_hidden = torch.empty(hidden.shape, dtype=dtype, device=hidden.device) if needs_grad else None
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=hidden.device) if needs_grad else None
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            for start in range(0, hidden.shape[0], chunk):
+                h = hidden[start:start + chunk].to(dtype)
+                t = targets[start:start + chunk]
+                logits = (h @ w.T).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                valid = t != -100
+                safe = t.clamp(min=0)
+                target_logit = logits.gather(1, safe[:, None]).squeeze(1)
+                total += ((lse - target_logit) * valid).sum()
+                if needs_grad:
+                    probs = torch.exp(logits.sub_(lse[:, None]))
+                    probs[torch.arange(len(t), device=t.device), safe] -= 1
+                    probs *= valid[:, None]
+                    g = probs.to(dtype)
+                    grad_hidden[start:start + chunk] = g @ w
+                    grad_weight += (g.T @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.hidden_dtype = hidden.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return ((grad_hidden * grad_output).to(ctx.hidden_dtype), grad_weight * grad_output, None, None, None)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk: int | None = None) -> torch.Tensor:
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    chunk = chunk or max(128, (1 << 22) // weight.shape[0])  # ~16 MB of fp32 logits per chunk
+    return _LinearCrossEntropy.apply(hidden, weight, targets, dtype, chunk)
 
 
 def _masked_logits(model, input_ids: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:

@@ -78,8 +78,8 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     path = Path(name_or_path)
     if path.is_dir() and not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
                                                                "vocab.txt", "tokenizer.model")):
-        raise LlmkitError(f"{path} holds no tokenizer (no tokenizer.json): pass --tokenizer DIR, or train one "
-                          "with `llmkit tokenize`")
+        raise LlmkitError(f"{path} holds no tokenizer (no tokenizer.json): save the model's tokenizer into it "
+                          "(tokenizer.save_pretrained), or pass --tokenizer DIR to pretrain / finetune")
     tokenizer = from_pretrained_or_explain(AutoTokenizer.from_pretrained, name_or_path, "tokenizer",
                                            trust_remote_code=trust_remote_code)
     if not tokenizer.is_fast:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -62,7 +63,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     """auto = bf16 where the hardware runs it fast: CUDA GPUs with bf16, CPUs with AVX-512 BF16 or AMX."""
     if precision == "auto":
         if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
         return "bf16" if cpu_has_fast_bf16() else "fp32"
     if precision == "fp16" and device.type == "cpu":
         raise UsageError("--precision fp16 needs a GPU: use bf16 (fast on CPUs with AVX-512 BF16) or fp32")
@@ -203,7 +204,6 @@ def fit(job: TrainJob) -> dict[str, Any]:
     accelerator, precision = make_accelerator(cfg.precision, cfg.report_to, cfg.output)
     rank, world = accelerator.process_index, accelerator.num_processes
     plan = make_plan(job, world, precision)
-    run = RunDir(Path(cfg.output), main=writes_output(accelerator, Path(cfg.output)))
     base_model = job.model
     if cfg.gradient_checkpointing:
         base_model.gradient_checkpointing_enable()
@@ -212,8 +212,15 @@ def fit(job: TrainJob) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(plan.warmup, plan.steps, cfg.lr_schedule, cfg.min_lr_ratio))
     signature = model_signature(base_model)
+    from llmkit.data import StepSampler
 
-    start_step, state = 0, {"best": None, "best_step": None, "bad_evals": 0, "tokens": 0}
+    sampler = StepSampler(len(job.train_data), plan.global_batch, cfg.seed, lengths=job.train_data.lengths())
+    if cfg.dry_run:
+        return dry_run(job, plan, accelerator, base_model, optimizer, scheduler, sampler)
+    run = RunDir(Path(cfg.output), main=writes_output(accelerator, Path(cfg.output)))
+
+    start_step = 0
+    state = {"best": None, "best_step": None, "bad_evals": 0, "tokens": 0, "train_loss": float("nan"), "eval": {}}
     resume_from = None
     if cfg.resume:
         resume_from = ckpt.find_resume_checkpoint(cfg.resume, run.path)
@@ -223,12 +230,8 @@ def fit(job: TrainJob) -> dict[str, Any]:
                              f"and global batch {loaded['global_batch']}: resume with the same (now {world} and "
                              f"{plan.global_batch})")
         start_step = loaded["step"]
-        state.update({k: loaded[k] for k in state})
+        state.update({k: loaded.get(k, v) for k, v in state.items()})
     run.start(resume=bool(cfg.resume), overwrite=cfg.overwrite, keep_metrics_until=start_step if cfg.resume else None)
-
-    from llmkit.data import StepSampler
-
-    sampler = StepSampler(len(job.train_data), plan.global_batch, cfg.seed, lengths=job.train_data.lengths())
     model = torch.compile(base_model) if cfg.compile else base_model
     model, optimizer = accelerator.prepare(model, optimizer)
     if cfg.report_to:
@@ -257,6 +260,87 @@ def fit(job: TrainJob) -> dict[str, Any]:
     return last_metrics
 
 
+def estimate(job: TrainJob, plan: Plan, model: torch.nn.Module) -> dict[str, Any]:
+    """FLOPs and memory of the planned run, from the model's shape (estimates, not measurements)."""
+    config = model.config
+    params = sum(p.numel() for p in model.parameters())
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
+    if job.tokens_per_example:
+        length = job.tokens_per_example
+    else:
+        length = float(np.mean(job.train_data.lengths()))
+    tokens = plan.steps * plan.global_batch * length
+    flops_per_token = 6 * params + 12 * layers * hidden * length  # weights + attention scores (PaLM appendix B)
+    state_bytes = params * (4 + 4 + 8)  # fp32 weights, gradients, AdamW's two moments
+    b, s = plan.micro_batch, length
+    activation_bytes = layers * (34 * s * b * hidden + 5 * heads * s * s * b)  # Korthikanti et al. 2022, 16-bit
+    logits_bytes = 3 * 4 * b * s * getattr(config, "vocab_size", 0) if job.objective == "clm" else 0
+    return {"parameters": params, "steps": plan.steps, "examples_per_step": plan.global_batch,
+            "tokens_per_step": int(plan.global_batch * length), "training_tokens": int(tokens),
+            "total_flops": float(flops_per_token * tokens),
+            "memory_gb_estimate": round((state_bytes + activation_bytes + logits_bytes) / 1e9, 3),
+            "precision": plan.precision, "processes": plan.processes, "accumulation": plan.accumulation,
+            "micro_batch": plan.micro_batch, "learning_rate": plan.learning_rate, "warmup_steps": plan.warmup}
+
+
+def dry_run(job: TrainJob, plan: Plan, accelerator, model, optimizer, scheduler, sampler,
+            measured_steps: int = 3) -> dict[str, Any]:
+    """The plan before spending hours: sizes, FLOPs, memory, and a time estimate from a few real steps.
+    Nothing is written; the steps run on a model that is thrown away."""
+    summary = estimate(job, plan, model)
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+    prepared.train()
+    steps = min(measured_steps + 1, plan.steps)
+    started = None
+    for step in range(steps):
+        if step == 1:  # the first step pays for one-off set-up: leave it out
+            started = time.perf_counter()
+        loss_sum, _, _ = train_step(job, plan, accelerator, prepared, optimizer, scheduler, sampler, step)
+        loss_sum.item()
+    if started is not None:
+        per_step = (time.perf_counter() - started) / (steps - 1)
+        summary.update(seconds_per_step=round(per_step, 4), estimated_hours=round(per_step * plan.steps / 3600, 3),
+                       tokens_per_second=round(summary["tokens_per_step"] / per_step))
+    return summary
+
+
+def train_step(job: TrainJob, plan: Plan, accelerator, model, optimizer, scheduler, sampler, step: int):
+    """One optimizer step over this process's micro-batches; returns (loss sum, global item count, tokens seen
+    by all processes) as tensors/ints, without waiting for the device."""
+    cfg = job.cfg
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    micro = sampler.micro_batches(step, rank, world, plan.micro_batch)
+    epoch = step // plan.steps_per_epoch
+    batches = [job.train_data.batch(idx) for idx in micro]
+    if job.masking is not None:
+        for idx, batch in zip(micro, batches):
+            batch["masked_ids"], batch["mlm_labels"] = job.masking.rows(batch["input_ids"], idx,
+                                                                        cfg.seed * 1_000_003 + epoch)
+    items = _count_items(job, batches, device)
+    tokens = world * sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                         for b in batches)
+    batches = [_to_device(b, device) for b in batches]
+    if world > 1:
+        items = accelerator.reduce(items, reduction="sum")
+    loss_total = torch.zeros((), device=device)
+    for i, batch in enumerate(batches):
+        sync = contextlib.nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model)
+        with sync, accelerator.autocast():
+            loss_sum, _, _ = batch_loss(job.objective, model, batch, class_weights=job.class_weights,
+                                        multi_label=job.multi_label)
+            loss = loss_sum * world / items
+        accelerator.backward(loss)
+        loss_total += loss_sum.detach()
+    if cfg.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_total, items, tokens
+
+
 def _loop(job, plan, accelerator, model, base_model, optimizer, scheduler, sampler, run, state, start_step,
           signature, stop) -> dict[str, Any]:
     cfg = job.cfg
@@ -265,39 +349,17 @@ def _loop(job, plan, accelerator, model, base_model, optimizer, scheduler, sampl
     loss_total = torch.zeros((), device=device)
     items_total = torch.zeros((), device=device)
     window_start, window_step, window_tokens = time.perf_counter(), start_step, 0
-    eval_metrics: dict[str, Any] = {}
+    eval_metrics: dict[str, Any] = dict(state.get("eval") or {})  # a run resumed at its last step has no more
+    train_loss = state.get("train_loss", float("nan"))
     step = start_step
     model.train()
     with display.StepProgress("train", plan.steps) as progress:
         progress.update(step)
         while step < plan.steps:
-            micro = sampler.micro_batches(step, rank, world, plan.micro_batch)
-            epoch = step // plan.steps_per_epoch
-            batches = [job.train_data.batch(idx) for idx in micro]
-            if job.masking is not None:
-                for idx, batch in zip(micro, batches):
-                    batch["masked_ids"], batch["mlm_labels"] = job.masking.rows(batch["input_ids"], idx,
-                                                                                cfg.seed * 1_000_003 + epoch)
-            items = _count_items(job, batches, device)
-            window_tokens += world * sum(int(b["attention_mask"].sum()) if "attention_mask" in b
-                                         else b["input_ids"].numel() for b in batches)
-            batches = [_to_device(b, device) for b in batches]
-            if world > 1:
-                items = accelerator.reduce(items, reduction="sum")
-            for i, batch in enumerate(batches):
-                sync = contextlib.nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model)
-                with sync, accelerator.autocast():
-                    loss_sum, _, _ = batch_loss(job.objective, model, batch, class_weights=job.class_weights,
-                                                multi_label=job.multi_label)
-                    loss = loss_sum * world / items
-                accelerator.backward(loss)
-                loss_total += loss_sum.detach()
+            loss_sum, items, tokens = train_step(job, plan, accelerator, model, optimizer, scheduler, sampler, step)
+            loss_total += loss_sum
             items_total += items
-            if cfg.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            window_tokens += tokens
             step += 1
             state["tokens"] += plan.global_batch * (job.tokens_per_example or 0)
 
@@ -306,6 +368,7 @@ def _loop(job, plan, accelerator, model, base_model, optimizer, scheduler, sampl
                 if world > 1:
                     loss_total = accelerator.reduce(loss_total, reduction="sum")
                 train_loss = (loss_total / items_total.clamp(min=1)).item()
+                state["train_loss"] = train_loss
                 _check_finite(train_loss, step, run)
                 seconds = time.perf_counter() - window_start
                 figures = {"loss": train_loss, "lr": scheduler.get_last_lr()[0],
@@ -332,6 +395,7 @@ def _loop(job, plan, accelerator, model, base_model, optimizer, scheduler, sampl
                                               multi_label=job.multi_label, threshold=job.threshold,
                                               label_names=job.label_names)
                 model.train()
+                state["eval"] = {k: v for k, v in eval_metrics.items() if isinstance(v, (int, float))}
                 run.log({"step": step, **{f"eval_{k}": v for k, v in eval_metrics.items()
                                           if isinstance(v, (int, float))}})
                 if cfg.report_to:
@@ -373,6 +437,9 @@ def _loop(job, plan, accelerator, model, base_model, optimizer, scheduler, sampl
     if run.main:
         run.export(base_model, job.tokenizer, run.path, {**job.record, "step": step, "metrics": final,
                                                          "weights_sha256_by_rank": digests}, final=True)
+        from llmkit.plot import save_curves
+
+        save_curves([run.path], run.path / "curves.png")
     accelerator.wait_for_everyone()
     return final
 
@@ -437,13 +504,18 @@ def _save_checkpoint(accelerator, run: RunDir, model, optimizer, scheduler, step
     directory = run.path / "checkpoints" / f"step-{step:08d}"
     tmp = ckpt.temporary_sibling(directory, create=run.main)
     accelerator.wait_for_everyone()
-    ckpt.save_rng(tmp, accelerator.process_index)  # every process has its own RNG streams
-    accelerator.wait_for_everyone()
+    try:
+        ckpt.save_rng(tmp, accelerator.process_index)  # every process has its own RNG streams
+        accelerator.wait_for_everyone()
+        if run.main:
+            training_state = {"step": step, "processes": plan.processes, "global_batch": plan.global_batch,
+                              "model_signature": signature, **state}
+            ckpt.save_training_state(tmp, model, optimizer, scheduler, training_state)
+            ckpt.commit(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a disk that filled up leaves no half-written checkpoint
+        raise
     if run.main:
-        training_state = {"step": step, "processes": plan.processes, "global_batch": plan.global_batch,
-                          "model_signature": signature, **state}
-        ckpt.save_training_state(tmp, model, optimizer, scheduler, training_state)
-        ckpt.commit(tmp, directory)
         ckpt.prune(run.path, keep)
     accelerator.wait_for_everyone()
 

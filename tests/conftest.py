@@ -117,3 +117,31 @@ def read_metrics(run: Path) -> list[dict]:
     import json
 
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def kill_and_resume(command: list[str], output: Path, env: dict, attempts: int = 8) -> int:
+    """Run `command --output OUTPUT`, SIGKILL it each time it has written two new checkpoints (a little later each
+    time, to land mid-step or mid-save), and rerun it with --resume auto until it finishes. Returns the kills."""
+    import signal
+    import subprocess
+    import time
+
+    kills = 0
+    for _ in range(attempts):
+        resume = ["--resume", "auto"] if (output / "checkpoints").is_dir() else []
+        proc = subprocess.Popen([*command, "--output", str(output), *resume], env=env)
+        deadline = time.time() + 120
+        before = {p.name for p in (output / "checkpoints").glob("step-*")} if resume else set()
+        while proc.poll() is None and time.time() < deadline:
+            now = {p.name for p in (output / "checkpoints").glob("step-*")}
+            if len(now - before) >= 2:
+                time.sleep(0.05 * kills)  # land at different moments: mid-step, mid-save
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+                break
+            time.sleep(0.01)
+        proc.wait()
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -signal.SIGKILL
+    return kills

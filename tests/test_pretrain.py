@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from conftest import read_metrics, tiny_pretrain
+from conftest import kill_and_resume, read_metrics, tiny_pretrain
 from safetensors.torch import load_file
 
 from llmkit.tasks import make_masking
@@ -128,24 +128,7 @@ def test_resume_after_sigkill_gives_the_same_weights(shakespeare, tokenizer_dir,
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(_cli(*common, "--output", str(tmp_path / "straight")), check=True, env=env)
     interrupted = tmp_path / "interrupted"
-    kills = 0
-    for _ in range(8):
-        resume = ["--resume", "auto"] if (interrupted / "checkpoints").is_dir() else []
-        proc = subprocess.Popen(_cli(*common, "--output", str(interrupted), *resume), env=env)
-        deadline = time.time() + 120
-        before = {p.name for p in (interrupted / "checkpoints").glob("step-*")} if resume else set()
-        while proc.poll() is None and time.time() < deadline:
-            now = {p.name for p in (interrupted / "checkpoints").glob("step-*")}
-            if len(now - before) >= 2:
-                time.sleep(0.05 * kills)  # land at different moments: mid-step, mid-save
-                proc.send_signal(signal.SIGKILL)
-                kills += 1
-                break
-            time.sleep(0.01)
-        proc.wait()
-        if proc.returncode == 0:
-            break
-        assert proc.returncode == -signal.SIGKILL
+    kills = kill_and_resume(_cli(*common), interrupted, env)
     assert kills >= 2, "the run finished before it could be killed twice"
     assert (interrupted / "llmkit_run.json").is_file()
     _assert_same_weights(tmp_path / "straight", interrupted, atol=1e-6)

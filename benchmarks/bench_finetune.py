@@ -1,0 +1,117 @@
+"""Fine-tuning all-MiniLM-L6-v2 on SST-2, batch 32.
+
+Each round runs anchor_finetune.py twice - config a (run_glue's default: pad to 128, fp32; 40 steps, as its steps
+are slow and steady) and configs b (dynamic padding + bf16) and c (b + group_by_length) with 150 steps, 10 warm-up
+steps skipped in both - then `llmkit finetune` (bf16, dynamic padding, length grouping: its defaults) for one epoch
+on the anchor's accuracy subset: the first 8,000 rows of train.tsv shuffled with seed 42, as anchor_finetune.py
+picks them, written to a file. llmkit logs every 25 steps; the first window is skipped.
+Equal work: after the rounds, anchor_finetune.py trains config c for one epoch on the same 8,000 rows and reports
+accuracy on test.tsv; llmkit's runs do the same (same learning rate 1e-4, linear decay, no warm-up, no weight
+decay, max length 128). Real (unpadded) tokens per sample are compared too.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+from harness import (ANCHORS, DATA, LLMKIT, MINILM, NO_EVAL_OR_CHECKPOINT, PYTHON, ROOT, TRAINER_OPTIMIZER, Bench,
+                     Outcome, alternate, at_least, close, median, training_figures, within_points)
+
+WORKLOAD = "Fine-tuning MiniLM SST-2"
+SST2 = f"{DATA}/sst2"
+BATCH, WARMUP, SEED, MAX_LENGTH = 32, 10, 42, 128
+LEARNING_RATE = 1e-4  # llmkit's default for this model; anchor_finetune.py's README shows it beats 2e-5
+CONFIGS = {"a": "(a) run_glue default: pad 128, fp32", "b": "(b) dynamic padding + bf16",
+           "c": "(c) b + group_by_length"}
+GOAL_VS_A, GOAL_VS_BEST, ACCURACY_POINTS, TOKENS_TOLERANCE = 25, 1.3, 0.5, 0.05
+
+
+def default_rounds(quick: bool) -> int:
+    return 1 if quick else 2
+
+
+def run(bench: Bench) -> Outcome:
+    rows = 256 if bench.quick else 8000
+    steps = {"a": WARMUP + 1, "b,c": WARMUP + 2} if bench.quick else {"a": 40, "b,c": 150}
+    log_every = 4 if bench.quick else 25
+    subset = write_anchor_subset(bench.work / "train-subset.tsv", rows)
+
+    def anchor(r: int) -> dict:
+        timed = {}
+        for configs, n in steps.items():
+            timed.update(anchor_finetune(bench, f"anchor round {r + 1} ({configs})", configs, n,
+                                         ["--no-accuracy"])["throughput"])
+        return timed
+
+    def llmkit(r: int) -> dict:
+        output = bench.work / f"run-{r + 1}"
+        bench.run(f"llmkit round {r + 1}", [
+            *LLMKIT, "finetune", "--model", MINILM, "--data", subset, "--eval-data", f"{SST2}/test.tsv",
+            "--epochs", 1, "--global-batch-size", BATCH, "--max-length", MAX_LENGTH, "--learning-rate",
+            LEARNING_RATE, *TRAINER_OPTIMIZER, *NO_EVAL_OR_CHECKPOINT, "--log-every", log_every,
+            "--precision", "bf16", "--validation-split", 0, "--output", output, "--overwrite", "--quiet"])
+        return training_figures(output, "samples_per_second")
+
+    rounds = alternate(bench.rounds, {"anchor": anchor, "llmkit": llmkit})
+    accuracy = anchor_finetune(bench, "anchor accuracy run (c)", "c", WARMUP + 1,
+                               ["--acc-config", "c", "--subset", rows, "--lr", LEARNING_RATE])["accuracy"]["c"]
+    return compare(rounds["anchor"], rounds["llmkit"], accuracy)
+
+
+def anchor_finetune(bench: Bench, label: str, configs: str, steps: int, extra: list) -> dict:
+    out = bench.scratch("anchor", ".json")
+    bench.run(label, [PYTHON, f"{ANCHORS}/anchor_finetune.py", "--model", MINILM, "--data", SST2, "--configs",
+                      configs, "--steps", steps, "--warmup", WARMUP, "--json", out, *extra])
+    return json.loads(out.read_text())
+
+
+def write_anchor_subset(path, rows: int):
+    """The rows anchor_finetune.py trains on for accuracy: train.tsv read as it reads it, then
+    Dataset.shuffle(seed=42).select(range(rows)) - shuffling row numbers gives the same permutation."""
+    from datasets import Dataset
+
+    with open(ROOT / SST2 / "train.tsv", encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(reader)
+        records = list(reader)
+    order = Dataset.from_dict({"row": list(range(len(records)))}).shuffle(seed=SEED).select(
+        range(min(rows, len(records))))["row"]
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        f.write("\t".join(header) + "\n")
+        f.writelines("\t".join(records[i]) + "\n" for i in order)
+    return path
+
+
+def real_tokens_per_sample(figures: dict) -> float:
+    """Unpadded tokens per training example over the timed windows (llmkit counts attention-mask tokens)."""
+    ends = [w["step"] for w in figures["windows"]]
+    timed = list(zip([b - a for a, b in zip(ends, ends[1:])], figures["windows"][1:]))
+    return sum(s * w["tokens_per_second"] / w["samples_per_second"] for s, w in timed) / sum(s for s, _ in timed)
+
+
+def compare(anchors: list[dict], llmkits: list[dict], accuracy: dict) -> Outcome:
+    sps = median([l["rate"] for l in llmkits])
+    anchor_sps = {name: median([a[name]["samples_per_s"] for a in anchors]) for name in CONFIGS}
+    best = max(anchor_sps, key=anchor_sps.get)
+    rows = [at_least(WORKLOAD, f"samples/s vs {desc}", sps, anchor_sps[name], "samples/s",
+                     GOAL_VS_A if name == "a" else GOAL_VS_BEST if name == best else None,
+                     note="the best Trainer configuration" if name == best else "") for name, desc in CONFIGS.items()]
+    llmkit_accuracy = median([l["eval"]["eval_accuracy"] for l in llmkits])
+    steps = llmkits[0]["plan"]["steps"]
+    mismatch = "" if steps == accuracy["steps"] else f"STEPS DIFFER: llmkit {steps}, anchor {accuracy['steps']}"
+    rows.append(within_points(WORKLOAD, f"equal work: test accuracy after {accuracy['train_examples']:,} rows, "
+                                        f"{steps} steps (vs c)", llmkit_accuracy, accuracy["test_accuracy"],
+                              ACCURACY_POINTS, note=mismatch))
+    llmkit_tokens = median([real_tokens_per_sample(l) for l in llmkits])
+    anchor_tokens = median([r["real_tokens_per_step"] / BATCH for a in anchors for r in a["c"]["rounds"]])
+    rows.append(close(WORKLOAD, "equal work: real tokens per sample (vs c)", llmkit_tokens, anchor_tokens, "tok",
+                      TOKENS_TOLERANCE, note="different random samples of train.tsv: a few % apart"))
+    figures = {"rows": accuracy["train_examples"], "steps": steps, "timed_steps": llmkits[0]["timed_steps"],
+               "llmkit": {"samples_per_s": sps, "rounds": [l["rate"] for l in llmkits], "accuracy": llmkit_accuracy,
+                          "accuracies": [l["eval"]["eval_accuracy"] for l in llmkits],
+                          "real_tokens_per_sample": llmkit_tokens,
+                          "losses": [[w["loss"] for w in l["windows"]] for l in llmkits]},
+               "anchor": {"samples_per_s": anchor_sps, "best": best, "rounds": anchors, "accuracy_run": accuracy,
+                          "real_tokens_per_sample_c": anchor_tokens}}
+    return Outcome(rows, figures)
