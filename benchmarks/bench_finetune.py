@@ -21,7 +21,7 @@ from harness import (ANCHORS, DATA, LLMKIT, MINILM, NO_EVAL_OR_CHECKPOINT, PYTHO
 WORKLOAD = "Fine-tuning MiniLM SST-2"
 SST2 = f"{DATA}/sst2"
 BATCH, WARMUP, SEED, MAX_LENGTH = 32, 10, 42, 128
-LEARNING_RATE = 1e-4  # llmkit's default for this model; anchor_finetune.py's README shows it beats 2e-5
+LEARNING_RATE = 1e-4  # llmkit's default for this model; the anchors' README shows it beats their 2e-5
 CONFIGS = {"a": "(a) run_glue default: pad 128, fp32", "b": "(b) dynamic padding + bf16",
            "c": "(c) b + group_by_length"}
 GOAL_VS_A, GOAL_VS_BEST, ACCURACY_POINTS, TOKENS_TOLERANCE = 25, 1.3, 0.5, 0.05

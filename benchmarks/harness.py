@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -105,7 +106,8 @@ class Bench:
     def run(self, label: str, cmd: list[Any], env: dict[str, str] | None = None, timeout: float = 3600) -> Completed:
         """Run `cmd` from the repository root; stdout and stderr go to logs/NAME/NN-LABEL.out/.err."""
         self._commands += 1
-        stem = self.logs / f"{self._commands:02d}-{label.replace(' ', '-').replace('/', '-')}"
+        slug = re.sub(r"[^\w,.]+", "-", label).strip("-")
+        stem = self.logs / f"{self._commands:02d}-{slug}"
         cmd = [str(c) for c in cmd]
         (stem.parent / f"{stem.name}.cmd").write_text(" ".join(cmd) + "\n")
         out_path, err_path = stem.parent / f"{stem.name}.out", stem.parent / f"{stem.name}.err"
@@ -127,11 +129,13 @@ class Bench:
         proc.returncode = os.waitstatus_to_exitcode(status)
         done = Completed(label, proc.returncode, out_path.read_text(errors="replace"),
                          err_path.read_text(errors="replace"), seconds, usage.ru_maxrss / 1024)
-        console.log(f"[{self.name}] {label}: {seconds:.1f} s" + ("" if done.returncode == 0 else
-                                                                 f" [red]exit {done.returncode}[/red]"))
+        console.log(f"{self.name}: {label}: {seconds:.1f} s" + ("" if done.returncode == 0 else
+                                                                f" [red]exit {done.returncode}[/red]"))
         if done.returncode != 0:
+            why = f"was stopped after {timeout:.0f} s" if seconds >= timeout else \
+                f"failed with exit status {done.returncode}"
             tail = "\n".join(done.stderr.strip().splitlines()[-5:])
-            raise BenchError(f"{label} failed with exit status {done.returncode} (log: {err_path}):\n{tail}")
+            raise BenchError(f"{label} {why}; log: {err_path}\n{tail}")
         return done
 
 
@@ -182,7 +186,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 # llmkit's commands and figures
 
 
-def llmkit_tokenize(bench: Bench, label: str, args: list[Any], env: dict[str, str] | None = None) -> tuple[dict, Completed]:
+def llmkit_tokenize(bench: Bench, label: str, args: list[Any],
+                    env: dict[str, str] | None = None) -> tuple[dict, Completed]:
     """`llmkit tokenize ARGS --json --quiet`: its JSON summary and the finished command."""
     done = bench.run(label, [*LLMKIT, "tokenize", *args, "--validation-split", "0", "--json", "--quiet"], env=env)
     return json_line(done.stdout), done
@@ -290,7 +295,7 @@ def _number(value: float | None, unit: str) -> str:
         return f"{value * 100:.1f} %"
     if unit == "loss":
         return f"{value:.3f}"
-    if unit in ("s",):
+    if unit == "s":
         return f"{value:.2f} s"
     if unit == "MB":
         return f"{value:,.0f} MB"
@@ -303,6 +308,7 @@ def _number(value: float | None, unit: str) -> str:
 
 
 def print_table(rows: list[Row], title: str, caption: str) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=title, caption=caption, header_style="bold", show_lines=False)
@@ -314,10 +320,10 @@ def print_table(rows: list[Row], title: str, caption: str) -> None:
     for row in rows:
         result = "[red]ERROR[/red]" if row.error else \
             {True: "[green]pass[/green]", False: "[red]FAIL[/red]", None: "[dim]info[/dim]"}[row.passed]
-        measure = row.measure + (f"\n[dim]{row.note}[/dim]" if row.note else "")
+        measure = escape(row.measure) + (f"\n[dim]{escape(row.note)}[/dim]" if row.note else "")
         if previous is not None and row.workload != previous:
             table.add_section()
-        table.add_row(row.workload if row.workload != previous else "", measure,
+        table.add_row(escape(row.workload) if row.workload != previous else "", measure,
                       _number(row.llmkit, row.unit), _number(row.reference, row.unit), row.ratio, row.mfu,
                       row.goal, result)
         previous = row.workload

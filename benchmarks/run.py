@@ -18,6 +18,8 @@ import time
 import traceback
 from pathlib import Path
 
+from rich.markup import escape
+
 import bench_classify
 import bench_clm
 import bench_finetune
@@ -59,9 +61,9 @@ def run_one(name: str, quick: bool, rounds: int | None) -> dict:
         rows, figures, error = outcome.rows, outcome.figures, None
     except Exception as e:  # one broken benchmark must not cost the others' figures
         error = "".join(traceback.format_exception(e))
-        console.print(f"[red]{name} failed:[/red] {e}")
-        rows = [Row(module.WORKLOAD, f"ERROR: {str(e).splitlines()[0][:100]}", None, None, "", passed=False,
-                    note=f"details in {bench.logs}", error=True)]
+        console.print(f"[red]{name} failed:[/red] {escape(str(e))}")
+        rows = [Row(module.WORKLOAD, f"ERROR: {str(e).splitlines()[0]}", None, None, "", passed=False,
+                    note=f"all commands' output in {bench.logs}", error=True)]
         figures = {}
     seconds = time.perf_counter() - start
     return {"rows": rows, "figures": figures, "error": error, "rounds": bench.rounds, "seconds": seconds,

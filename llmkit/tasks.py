@@ -52,6 +52,8 @@ def fresh_model(objective: str, preset: str, tokenizer, *, layers=None, hidden=N
     if objective == "clm":
         config = GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=size["hidden"], n_layer=size["layers"],
                             n_head=size["heads"], resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                            # GPT-2's tanh-approximated GELU as one fused kernel (gelu_new is ~8 separate ops)
+                            activation_function="gelu_pytorch_tanh",
                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=tokenizer.pad_token_id)
     else:
