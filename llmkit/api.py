@@ -23,14 +23,21 @@ from llmkit.errors import LlmkitError, UsageError
 
 
 def _quiet_libraries(verbose: bool) -> None:
-    import datasets
     import transformers
 
-    datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     if not verbose:
         transformers.utils.logging.set_verbosity_error()
-        datasets.utils.logging.set_verbosity_error()
+    # datasets costs ~0.5 s to import and classify/generate/fill never need it: set what it reads on import
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if not verbose:
+        os.environ.setdefault("DATASETS_VERBOSITY", "error")
+    if "datasets" in sys.modules:
+        import datasets
+
+        datasets.disable_progress_bars()
+        if not verbose:
+            datasets.utils.logging.set_verbosity_error()
 
 
 def _setup(cfg: Any) -> None:
