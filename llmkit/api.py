@@ -309,11 +309,9 @@ def _class_weights(spec: str, labels, n_classes: int):
 
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """Score a model: perplexity for language models, accuracy / F1 / per-class figures for classifiers."""
-    import numpy as np
-
     from llmkit import data as pipeline
     from llmkit import tasks
-    from llmkit.evaluation import evaluate_model, hub_metric, softmax
+    from llmkit.evaluation import evaluate_model, hub_metric
     from llmkit.tokenizer import load_tokenizer
     from llmkit.train import make_accelerator
 

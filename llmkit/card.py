@@ -62,7 +62,7 @@ def model_card(model, record: dict[str, Any]) -> str:
     if objective == "clm":
         lines.append('llmkit generate "Once upon a time" --model PATH')
     elif objective == "mlm":
-        lines.append(f'llmkit fill "The {{mask}} is bright." --model PATH')
+        lines.append('llmkit fill "The {mask} is bright." --model PATH')
     else:
         lines.append('llmkit classify "some text" --model PATH')
     lines += ["llmkit evaluate --model PATH --eval-data DATA", "```", "", "## Versions", ""]

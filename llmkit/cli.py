@@ -11,7 +11,6 @@ import inspect
 import json
 import os
 import sys
-import typing
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
@@ -19,7 +18,7 @@ import typer
 
 from llmkit import config as settings
 from llmkit import display
-from llmkit.errors import LlmkitError, UsageError
+from llmkit.errors import LlmkitError
 
 app = typer.Typer(name="llmkit", no_args_is_help=True, add_completion=True, pretty_exceptions_enable=False,
                   rich_markup_mode="markdown",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any
 
@@ -107,7 +106,3 @@ def table(title: str, rows: dict[str, Any]) -> None:
     for key, value in rows.items():
         t.add_row(key, fmt(value))
     out.print(t)
-
-
-def is_stdout_terminal() -> bool:
-    return sys.stdout.isatty()

@@ -44,11 +44,3 @@ def explain_load_error(name: str, what: str, error: BaseException) -> str:
         return (f"{what} {name!r} is not a local directory, and the Hub is off (HF_HUB_OFFLINE is set): pass a "
                 "local directory, or unset HF_HUB_OFFLINE to download it")
     return f"could not load the {what} {name!r} (not a local directory, nor a Hub id that could be fetched: {text})"
-
-
-def check_local_or_hub(name: str, what: str) -> None:
-    """Fail fast, before any work, on a name that is neither a local path nor usable as a Hub id offline."""
-    if Path(name).expanduser().exists():
-        return
-    if looks_like_path(name):
-        raise LlmkitError(f"{what} {name} does not exist: check the path")

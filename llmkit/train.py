@@ -13,7 +13,6 @@ run or a run on another number of processes sees exactly the same examples at ev
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import shutil
 import signal
@@ -344,7 +343,7 @@ def train_step(job: TrainJob, plan: Plan, accelerator, model, optimizer, schedul
 def _loop(job, plan, accelerator, model, base_model, optimizer, scheduler, sampler, run, state, start_step,
           signature, stop) -> dict[str, Any]:
     cfg = job.cfg
-    rank, world = accelerator.process_index, accelerator.num_processes
+    world = accelerator.num_processes
     device = accelerator.device
     loss_total = torch.zeros((), device=device)
     items_total = torch.zeros((), device=device)
@@ -540,7 +539,3 @@ def _install_signal_handlers(stop: dict) -> dict:
 def _restore_signal_handlers(previous: dict) -> None:
     for sig, handler in previous.items():
         signal.signal(sig, handler)
-
-
-def record_json(obj: Any) -> str:
-    return json.dumps(obj, indent=2, default=str)
