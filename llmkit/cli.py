@@ -6,6 +6,7 @@ Heavy libraries are imported only inside commands, so `llmkit --help` starts fas
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import inspect
 import json
@@ -275,8 +276,10 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("LLMKIT_DEBUG", "") not in ("", "0")
     args = [a for a in args if a != "--debug"]
+    atexit.register(_leave_process_group, False)
     try:
         app(args=args, prog_name="llmkit", standalone_mode=False)
+        _leave_process_group()
     except LlmkitError as e:
         if debug:
             raise
@@ -305,6 +308,22 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         display.error("interrupted")
         sys.exit(130)
+
+
+def _leave_process_group(together: bool = True) -> None:
+    """The ranks of a launched job leave their process group before they exit: a rank that reaches interpreter
+    shutdown with gloo's threads still alive can abort with SIGABRT ("terminate called without an active
+    exception", pytorch/pytorch#190489). After a success the ranks first meet at a barrier; after an error
+    (`together=False`, from atexit) the group is torn down without waiting for ranks that may never come."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return
+    try:
+        if together:
+            torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    except Exception:  # leaving is best effort: the run's outcome is already decided
+        pass
 
 
 def _disk_full(error: BaseException | None) -> bool:
