@@ -1,6 +1,6 @@
 """llmkit against the Hugging Face anchors (../shared/anchors), side by side: one table, one JSON file.
 
-    .venv/bin/python benchmarks/run.py                      # everything (make bench), about 30 minutes
+    .venv/bin/python benchmarks/run.py                      # everything (make bench), about 40 minutes
     .venv/bin/python benchmarks/run.py --only clm,classify  # some of it
     .venv/bin/python benchmarks/run.py --quick              # a check of the harness: tiny runs, figures meaningless
 
@@ -24,11 +24,12 @@ import bench_classify
 import bench_clm
 import bench_finetune
 import bench_mlm
+import bench_sst2
 import bench_tokenize
 from harness import RESULTS, Bench, Row, console, print_table, write_json
 
 BENCHMARKS = {"clm": bench_clm, "mlm": bench_mlm, "finetune": bench_finetune, "tokenize": bench_tokenize,
-              "classify": bench_classify}
+              "classify": bench_classify, "sst2": bench_sst2}
 
 
 def parse_args() -> argparse.Namespace:

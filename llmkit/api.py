@@ -46,12 +46,14 @@ def _setup(cfg: Any) -> None:
 
 
 def _main_first():
-    """A context in which the main process goes first (building caches) and the others then read them."""
+    """A context in which each machine's first process goes first (building caches) and the others then read
+    them: once per machine, so machines that do not share a file system each build their own cache (the cache
+    is content-addressed and built by rename, so machines that do share one may race but never corrupt it)."""
     import torch
     from accelerate import PartialState
 
     # cpu=True on machines without CUDA: processes started by the launcher then form a gloo group (multi-CPU).
-    return PartialState(cpu=not torch.cuda.is_available()).main_process_first()
+    return PartialState(cpu=not torch.cuda.is_available()).local_main_process_first()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -69,6 +71,7 @@ def tokenize(cfg: TokenizeConfig) -> dict[str, Any]:
     output = Path(cfg.output)
     if output.exists() and not output.is_dir():
         raise UsageError(f"--output {output} is a file: give a directory")
+    pipeline.check_replaceable(output / "data")
     sources = src.resolve(cfg.data)
     src.resolve(cfg.eval_data, "--eval-data")  # a missing file fails now, not after training the tokenizer
     if cfg.tokenizer:
@@ -173,6 +176,10 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
 
     torch.manual_seed(cfg.seed)
     continuing = cfg.model not in tasks.PRESETS
+    shape = [f"--{name}" for name in ("architecture", "layers", "hidden", "heads") if getattr(cfg, name) is not None]
+    if continuing and shape:
+        raise UsageError(f"{', '.join(shape)} shape a fresh model, but --model {cfg.model} is not a size preset "
+                         f"({', '.join(tasks.PRESETS)}): drop them to continue pretraining that model")
     with _main_first():
         if continuing:
             model = tasks.pretrained_model(cfg.objective, cfg.model, cfg.trust_remote_code)
@@ -182,7 +189,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             tokenizer = _tokenizer_for_pretraining(cfg)
             block_size = cfg.block_size or tasks.PRESETS[cfg.model]["block_size"]
             model = tasks.fresh_model(cfg.objective, cfg.model, tokenizer, layers=cfg.layers, hidden=cfg.hidden,
-                                      heads=cfg.heads, block_size=block_size, dropout=cfg.dropout)
+                                      heads=cfg.heads, block_size=block_size, dropout=cfg.dropout,
+                                      architecture=cfg.architecture)
         tasks.check_fit(model, tokenizer, block_size)
         corpus = pipeline.tokenize_corpus(cfg.data, tokenizer, eval_data=cfg.eval_data,
                                           validation_split=cfg.validation_split, text_column=cfg.text_column,
@@ -238,6 +246,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     from llmkit.train import TrainJob, fit
 
     _setup(cfg)
+    threshold = _parse_threshold(cfg.threshold, cfg.multi_label)  # a bad --threshold fails before any work
     torch.manual_seed(cfg.seed)
     positions = tasks.config_positions(cfg.model, cfg.trust_remote_code)  # first: a bad --model is named as such
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
@@ -258,12 +267,17 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             train_set, eval_set = split["train"], split["test"]
         else:
             eval_set = None
+    if cfg.multi_label:
+        threshold = _thresholds_per_label(threshold, labels.names, bool(eval_set))
     problem = "multi_label_classification" if cfg.multi_label else "single_label_classification"
     model = tasks.pretrained_model("classification", cfg.model, cfg.trust_remote_code, num_labels=len(labels.names),
                                    id2label=labels.id2label, label2id=labels.label2id, problem_type=problem,
                                    ignore_mismatched_sizes=True)
     model.config.pad_token_id = tokenizer.pad_token_id
     tasks.check_fit(model, tokenizer)
+    if cfg.multi_label:  # saved in config.json for evaluate and classify; `auto`: each evaluation saves its own
+        model.config.llmkit_thresholds = dict(zip(labels.names, [0.5] * len(labels.names)
+                                                  if threshold == "auto" else threshold))
     weights = None
     if cfg.class_weights:
         weights = _class_weights(cfg.class_weights, np.asarray(train_set["labels"]), len(labels.names))
@@ -275,13 +289,49 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                    train_data=pipeline.LabeledExamples(train_set, tokenizer.pad_token_id),
                    eval_data=pipeline.LabeledExamples(eval_set, tokenizer.pad_token_id) if eval_set else None,
                    default_learning_rate=default_finetune_lr(_hidden_size(model)), default_global_batch=32,
-                   metric=cfg.metric, class_weights=weights, multi_label=cfg.multi_label, threshold=cfg.threshold,
+                   metric=cfg.metric, class_weights=weights, multi_label=cfg.multi_label, threshold=threshold,
                    label_names=labels.names,
                    record={"objective": "classification", "config": to_dict(cfg), "labels": labels.names,
                            "max_length": max_length, "versions": versions()})
     if not cfg.group_by_length:
         job.train_data.lengths = lambda: None
     return fit(job)
+
+
+def _parse_threshold(spec: str | None, multi_label: bool) -> list[float] | str:
+    """--threshold as given: "auto", or one or more numbers (how many the labels need is checked once they are
+    known)."""
+    if spec is None:
+        return [0.5]
+    if not multi_label:
+        raise UsageError("--threshold applies to --multi-label classification (a single-label classifier picks "
+                         "the likeliest class): add --multi-label or drop --threshold")
+    if spec.strip() == "auto":
+        return "auto"
+    try:
+        values = [float(x) for x in spec.split(",")]
+    except ValueError:
+        raise UsageError(f"--threshold {spec!r}: give `auto`, a number, or one number per label separated by "
+                         "commas") from None
+    if not all(0 < v < 1 for v in values):
+        raise UsageError(f"--threshold {spec!r}: thresholds must lie between 0 and 1 (exclusive)")
+    return values
+
+
+def _thresholds_per_label(threshold: list[float] | str, names: list[str], can_tune: bool) -> list[float] | str:
+    """One threshold per label, or "auto" when there is evaluation data to tune them on."""
+    if threshold == "auto":
+        if can_tune:
+            return "auto"
+        display.info("[yellow]--threshold auto tunes on evaluation data and there is none (no --eval-data, "
+                     "--validation-split 0): the thresholds stay 0.5[/yellow]")
+        return [0.5] * len(names)
+    if len(threshold) == 1:
+        return threshold * len(names)
+    if len(threshold) != len(names):
+        raise UsageError(f"--threshold gives {len(threshold)} numbers for {len(names)} labels: give one, or one per "
+                         f"label in this order: {', '.join(names)}")
+    return threshold
 
 
 def _class_weights(spec: str, labels, n_classes: int):
@@ -311,7 +361,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """Score a model: perplexity for language models, accuracy / F1 / per-class figures for classifiers."""
     from llmkit import data as pipeline
     from llmkit import tasks
-    from llmkit.evaluation import evaluate_model, hub_metric
+    from llmkit.evaluation import OFFLINE_METRICS, evaluate_model, hub_metric, saved_thresholds
     from llmkit.tokenizer import load_tokenizer
     from llmkit.train import make_accelerator
 
@@ -364,11 +414,11 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
             dataset = dataset.train_test_split(test_size=cfg.validation_split, seed=pipeline.VALIDATION_SEED)["test"]
         examples = pipeline.LabeledExamples(dataset, tokenizer.pad_token_id or 0)
         metrics = evaluate_model("classification", model, examples, accelerator, batch_size=cfg.batch_size,
-                                 multi_label=multi, label_names=names, return_predictions=True)
+                                 multi_label=multi, threshold=saved_thresholds(config, names), label_names=names,
+                                 return_predictions=True)
         order, logits, predictions = metrics.pop("_predictions")
-        builtin = {"accuracy", "f1", "f1_macro", "f1_micro", "precision", "recall"}
         for name in cfg.metric:
-            if name not in builtin and examples.has_labels:
+            if name not in OFFLINE_METRICS and examples.has_labels:
                 metrics.update({f"{name}_{k}" if k in metrics else k: v for k, v in
                                 hub_metric(name, predictions, examples.labels_at(order),
                                            cfg.trust_remote_code).items()})

@@ -1,22 +1,23 @@
 """Crash-safe checkpoints: written to a temporary sibling, fsynced, renamed; verified before they are trusted.
 
-A checkpoint directory holds the model weights (safetensors), the optimizer and scheduler state, every RNG
-state (one file per process) and `trainer_state.json` (step, data position, best metric), plus a
-`manifest.json` with the size and SHA-256 of every file. `--resume auto` takes the newest checkpoint whose
-manifest checks out, so a checkpoint cut short by a kill is never picked. Training state is read with
-`torch.load(weights_only=True)`: no pickle from disk is ever executed.
+A checkpoint directory holds the model weights (safetensors), the optimizer and scheduler state, the fp16
+gradient scaler's state (when there is one), every RNG state (one file per process) and `trainer_state.json`
+(step, data position, best metric), plus a `manifest.json` with the size and SHA-256 of every file.
+`--resume auto` takes the newest checkpoint whose manifest checks out, so a checkpoint cut short by a kill is
+never picked, and what a crash leaves between two renames is put right at the next start (`recover`). Training
+state is read with `torch.load(weights_only=True)`: no pickle from disk is ever executed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -24,6 +25,8 @@ from llmkit.errors import LlmkitError, UsageError
 
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
+SCALER = "scaler.pt"
+STEP_NAME = re.compile(r"step-\d+")
 
 
 def _sha256(path: Path) -> str:
@@ -34,7 +37,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -42,13 +45,19 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def sync_tree(directory: Path) -> None:
+    """fsync every file and directory under `directory` (itself included): its contents and their names are on
+    the disk before a rename makes them visible."""
+    for path in sorted(directory.rglob("*"), reverse=True):  # deepest first: a directory after its entries
+        fsync(path)
+    fsync(directory)
+
+
 def write_manifest(directory: Path) -> None:
     files = {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
         files[str(path.relative_to(directory))] = {"size": path.stat().st_size, "sha256": _sha256(path)}
-        _fsync(path)
     (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
-    _fsync(directory / MANIFEST)
 
 
 def verify(directory: Path) -> bool:
@@ -69,34 +78,56 @@ def verify(directory: Path) -> bool:
 def temporary_sibling(final: Path, create: bool = True) -> Path:
     tmp = final.with_name(f".tmp-{final.name}")
     if create:
-        final.parent.mkdir(parents=True, exist_ok=True)
+        if not final.parent.is_dir():
+            final.parent.mkdir(parents=True)
+            fsync(final.parent.parent)  # the new directory's name is durable before anything is committed in it
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     return tmp
 
 
+def _old_sibling(final: Path) -> Path:
+    return final.with_name(f".old-{final.name}")
+
+
 def commit(tmp: Path, final: Path) -> None:
-    """Add the manifest, fsync, and rename `tmp` over `final` (the old `final` goes only after the rename)."""
+    """Add the manifest, fsync, and rename `tmp` over `final` (the old `final` goes only after the rename).
+    A crash between the two renames leaves `.old-NAME` as the only committed copy: `recover` puts it back."""
     write_manifest(tmp)
-    old = final.with_name(f".old-{final.name}")
+    sync_tree(tmp)
+    old = _old_sibling(final)
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
-    _fsync(final.parent)
+    fsync(final.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def atomic_directory(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling to fill; on success it replaces `final` in one rename."""
-    tmp = temporary_sibling(final)
-    try:
-        yield tmp
-        commit(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def recover(final: Path) -> None:
+    """Tidy what a crash left around `final`: a `.old-` copy goes back into place when `final` is missing (the
+    crash came between the two renames of `commit`: it is the only committed copy), and is redundant otherwise;
+    a `.tmp-` directory is unfinished or superseded. Call it only while holding the run directory's lock."""
+    old, tmp = _old_sibling(final), temporary_sibling(final, create=False)
+    if old.is_dir() and not final.exists():
+        os.replace(old, final)
+        fsync(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def recover_checkpoints(run_dir: Path) -> None:
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return
+    for path in list(root.iterdir()):
+        if path.name.startswith((".old-", ".tmp-")) and is_checkpoint_entry(path.name):
+            recover(root / path.name[len(".old-"):])
+
+
+def is_checkpoint_entry(name: str) -> bool:
+    """Whether `name` is something llmkit writes under OUTPUT/checkpoints/: a checkpoint or its temporary copies."""
+    return STEP_NAME.fullmatch(name.removeprefix(".old-").removeprefix(".tmp-")) is not None
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -158,16 +189,22 @@ def save_rng(directory: Path, rank: int) -> None:
     _torch_save(rng_state(), directory / f"rng-{rank}.pt")
 
 
-def save_training_state(directory: Path, model, optimizer, scheduler, state: dict[str, Any]) -> None:
+def save_training_state(directory: Path, model, optimizer, scheduler, state: dict[str, Any], scaler=None) -> None:
+    """`scaler`: fp16's GradScaler, if any; its loss scale took many steps to settle, so it is saved too."""
     from safetensors.torch import save_model
 
     save_model(model, str(directory / "model.safetensors"))
     _torch_save(optimizer.state_dict(), directory / "optimizer.pt")
     _torch_save(scheduler.state_dict(), directory / "scheduler.pt")
+    if scaler is not None and scaler.is_enabled():
+        _torch_save(scaler.state_dict(), directory / SCALER)
     (directory / STATE).write_text(json.dumps(state, indent=1))
 
 
-def load_training_state(directory: Path, model, optimizer, scheduler, rank: int, model_signature: str) -> dict:
+def load_training_state(directory: Path, model, optimizer, scheduler, rank: int, model_signature: str,
+                        scaler=None) -> dict:
+    """Load a checkpoint into the given objects; a scaler missing on either side (a run resumed in another
+    precision) starts afresh."""
     from safetensors.torch import load_model
 
     state = json.loads((directory / STATE).read_text())
@@ -178,6 +215,8 @@ def load_training_state(directory: Path, model, optimizer, scheduler, rank: int,
         load_model(model, str(directory / "model.safetensors"))
         optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
+        if scaler is not None and (directory / SCALER).is_file():
+            scaler.load_state_dict(torch.load(directory / SCALER, weights_only=True))
         rng_file = directory / f"rng-{rank}.pt"
         if rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=True))

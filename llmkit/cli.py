@@ -13,7 +13,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Callable, NoReturn, Optional
 
 import typer
 
@@ -55,6 +55,7 @@ def command(name: str, cls: type, run: Callable[[Any], Any], show: Callable[[Any
     """Register `llmkit NAME` with one flag per field of `cls`, plus --recipe and --print-config."""
 
     def body(**kwargs: Any) -> None:
+        invocation = kwargs.pop("ctx").obj  # main()'s argv and --debug, for the launched ranks to run the same
         recipe_path = kwargs.pop("recipe")
         print_config = kwargs.pop("print_config")
         recipe = settings.load_recipe(recipe_path) if recipe_path else None
@@ -63,9 +64,10 @@ def command(name: str, cls: type, run: Callable[[Any], Any], show: Callable[[Any
             display.out.print(settings.to_yaml(cfg), end="", markup=False)
             return
         if launchable:
-            from llmkit.launch import relaunch_if_needed
+            from llmkit.launch import needs_launch, relaunch
 
-            if relaunch_if_needed(cfg):
+            if needs_launch(cfg):
+                relaunch(cfg, invocation["argv"], invocation["debug"])
                 return
         result = run(cfg)
         from llmkit.launch import is_main_process
@@ -87,6 +89,7 @@ def command(name: str, cls: type, run: Callable[[Any], Any], show: Callable[[Any
     params.append(inspect.Parameter("print_config", inspect.Parameter.KEYWORD_ONLY, default=False,
                                     annotation=Annotated[bool, typer.Option(
                                         "--print-config", help="Print the merged settings as YAML and stop.")]))
+    params.append(inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context))
     body.__signature__ = inspect.Signature(params)
     body.__annotations__ = {p.name: p.annotation for p in params}
     body.__doc__ = f"{summary}\n\nExample:\n\n    {example}"
@@ -115,10 +118,15 @@ def show_tokenize(cfg: settings.TokenizeConfig, summary: dict[str, Any]) -> None
 
 
 def show_training(cfg: Any, metrics: dict[str, Any]) -> None:
+    if cfg.json:
+        _print_json(metrics)
+        return
     if cfg.dry_run:
         display.table("plan (dry run: nothing was written; FLOPs and memory are estimates)", _scalars(metrics))
         return
-    if cfg.quiet:
+    if cfg.quiet:  # the final result only, on one line
+        figures = ", ".join(f"{k} {display.fmt(v)}" for k, v in _scalars(metrics).items())
+        display.out.print(f"model saved in {cfg.output}: {figures}", markup=False, highlight=False)
         return
     display.table(f"finished: model saved in {cfg.output}", _scalars(metrics))
 
@@ -273,23 +281,23 @@ command("plot", settings.PlotConfig, _api("plot"), show_plot,
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs a command; known errors become one line on stderr and an exit status."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in args or os.environ.get("LLMKIT_DEBUG", "") not in ("", "0")
-    args = [a for a in args if a != "--debug"]
+    given = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in given or os.environ.get("LLMKIT_DEBUG", "") not in ("", "0")
+    args = [a for a in given if a != "--debug"]
     atexit.register(_leave_process_group, False)
     try:
-        app(args=args, prog_name="llmkit", standalone_mode=False)
+        status = app(args=args, prog_name="llmkit", standalone_mode=False, obj={"argv": given, "debug": debug})
+        if status == 130:  # typer returns this for a KeyboardInterrupt (Ctrl-C, a second signal) instead of raising
+            raise KeyboardInterrupt
         _leave_process_group()
     except LlmkitError as e:
         if debug:
             raise
-        display.error(str(e))
-        sys.exit(e.exit_code)
+        _fail(str(e), e.exit_code)
     except typer.Exit as e:
         sys.exit(getattr(e, "exit_code", 0))
     except typer.Abort:
-        display.error("aborted")
-        sys.exit(130)
+        _fail("aborted", 130)
     except Exception as e:
         if debug:
             raise
@@ -297,17 +305,24 @@ def main(argv: list[str] | None = None) -> None:
             if not e.format_message():  # a bare command: its help was printed, nothing more to say
                 sys.exit(e.exit_code)
             command_name = next((a for a in args if not a.startswith("-")), "")
-            display.error(f"{e.format_message()} (see llmkit {command_name} --help)".replace("  ", " "))
-            sys.exit(e.exit_code)
+            _fail(f"{e.format_message()} (see llmkit {command_name} --help)".replace("  ", " "), e.exit_code)
         if isinstance(e, OSError) or _disk_full(e):
             _os_error(e)
         # a bug of ours: one line, and how to see the traceback
-        display.error(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (rerun with "
-                      "--debug for the traceback, and please report it)")
-        sys.exit(1)
+        _fail(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (rerun with --debug "
+              "for the traceback, and please report it)", 1)
     except KeyboardInterrupt:
-        display.error("interrupted")
-        sys.exit(130)
+        _fail("interrupted", 130)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    """One line on stderr and the exit status. A rank of a job that llmkit launched hands both to the launching
+    process instead, which prints the line once for the whole job rather than once per rank."""
+    from llmkit.launch import hand_over_error
+
+    if not hand_over_error(message, code):
+        display.error(message)
+    sys.exit(code)
 
 
 def _leave_process_group(together: bool = True) -> None:
@@ -341,8 +356,7 @@ def _disk_full(error: BaseException | None) -> bool:
 def _os_error(e: Exception) -> None:
     if _disk_full(e):
         where = getattr(e, "filename", None) or "the output"
-        display.error(f"no space left on the device while writing {where}: free disk space or choose another "
-                      "--output; nothing finished was overwritten")
+        _fail(f"no space left on the device while writing {where}: free disk space or choose another --output; "
+              "nothing finished was overwritten", 1)
     else:
-        display.error(f"{e.strerror or e}: {e.filename or ''} (rerun with --debug for details)")
-    sys.exit(1)
+        _fail(f"{e.strerror or e}: {e.filename or ''} (rerun with --debug for details)", 1)

@@ -40,11 +40,14 @@ class Common:
     verbose: bool = opt(False, "Print more detail (library warnings, per-step logs).", short="-v")
 
 
+DATA_HELP = ("Training data: .txt/.csv/.tsv/.json/.jsonl/.parquet files, a directory or glob of them, a "
+             "datasets.save_to_disk directory, an `llmkit tokenize` output, or a Hub dataset id "
+             "name[:config][@split] (split: train by default). Repeat the flag for several sources.")
+
+
 @dataclass
 class DataSettings(Common):
-    data: list[str] = opt([], "Training data: .txt/.csv/.tsv/.json/.jsonl/.parquet files, a directory or glob "
-                              "of them, a datasets.save_to_disk directory, an `llmkit tokenize` output, or a Hub "
-                              "dataset id name[:config][@split] (split: train by default). Repeat the flag for several sources.")
+    data: list[str] = opt([], DATA_HELP)
     eval_data: list[str] = opt([], "Held-out data, in the same forms as --data. Without it, --validation-split "
                                    "carves a held-out part out of --data.")
     validation_split: float = opt(0.05, "Fraction of --data held out for evaluation when --eval-data is not "
@@ -62,13 +65,13 @@ class DataSettings(Common):
 
 @dataclass
 class TrainSettings(DataSettings):
+    data: list[str] = opt([], DATA_HELP, required=True)  # evaluate may score --eval-data alone; training may not
     output: Optional[str] = opt(None, "Run directory: final model at its top, checkpoints/, best/, "
                                       "metrics.jsonl.", short="-o", required=True)
     tokenizer: Optional[str] = opt(None, "Tokenizer: an `llmkit tokenize` output, a directory or a Hub id "
                                          "(default: the model's own, or one trained on the fly).")
     seed: int = opt(42, "Random seed for initialisation, data order, masking and dropout.")
     max_steps: Optional[int] = opt(None, "Stop after this many optimizer steps.", check="positive")
-    max_tokens: Optional[int] = opt(None, "Stop after this many training tokens.", check="positive")
     epochs: Optional[float] = opt(None, "Stop after this many passes over the training data.", check="positive")
     learning_rate: Optional[float] = opt(None, "Peak learning rate (default: per task and model size).",
                                          check="positive")
@@ -78,8 +81,8 @@ class TrainSettings(DataSettings):
     lr_schedule: str = opt("cosine", "Learning-rate decay after warm-up.", choices=("cosine", "linear", "constant"))
     min_lr_ratio: float = opt(0.1, "Final learning rate as a fraction of the peak (cosine and linear).",
                               check="prob")
-    weight_decay: float = opt(0.1, "AdamW weight decay, applied to weight matrices only (not to biases, "
-                                   "norms or embeddings' positions).", check="nonneg")
+    weight_decay: float = opt(0.1, "AdamW weight decay, applied to weight matrices and embeddings (not to "
+                                   "biases or norm gains).", check="nonneg")
     adam_beta1: float = opt(0.9, "AdamW beta1.", check="fraction")
     adam_beta2: float = opt(0.95, "AdamW beta2.", check="fraction")
     max_grad_norm: float = opt(1.0, "Clip the gradient norm to this value (0 turns clipping off).", check="nonneg")
@@ -104,8 +107,11 @@ class TrainSettings(DataSettings):
     resume: Optional[str] = opt(None, "Continue an interrupted run: `auto` (newest complete checkpoint in "
                                       "--output) or a checkpoint directory.")
     overwrite: bool = opt(False, "Start afresh in an --output that already holds a finished run.")
-    report_to: list[str] = opt([], "Also log to: tensorboard, wandb.")
+    report_to: list[str] = opt([], "Also log to TensorBoard (event files in OUTPUT/tensorboard) or Weights & "
+                                   "Biases; needs the tracker's package (pip install 'llmkit[tensorboard]').",
+                               choices=("tensorboard", "wandb"))
     dry_run: bool = opt(False, "Print the plan (parameters, tokens, steps, FLOPs, memory, time) and stop.")
+    json: bool = opt(False, "Print the final metrics (or the --dry-run plan) as one JSON object on stdout.")
     num_processes: Optional[int] = opt(None, "Processes in all, over all machines (re-launches through "
                                              "accelerate).", check="positive")
     num_machines: int = opt(1, "Machines taking part.", check="positive")
@@ -117,6 +123,7 @@ class TrainSettings(DataSettings):
 
 @dataclass
 class TokenizeConfig(DataSettings):
+    data: list[str] = opt([], DATA_HELP, required=True)
     output: Optional[str] = opt(None, "Directory for the tokenizer and the pre-tokenized data.", short="-o",
                                 required=True)
     tokenizer: Optional[str] = opt(None, "Use this existing tokenizer (directory or Hub id) instead of training "
@@ -138,8 +145,12 @@ class TokenizeConfig(DataSettings):
 class PretrainConfig(TrainSettings):
     objective: str = opt("clm", "clm: next-token prediction (GPT-style); mlm: masked-token prediction "
                                 "(BERT-style).", choices=("clm", "mlm"))
-    model: str = opt("tiny", "A size preset (tiny, mini, small, base, gpt2-small, bert-base) for a fresh model, "
-                             "or a model directory / Hub id to continue pretraining.", short="-m")
+    model: str = opt("tiny", "A size preset for a fresh model - tiny (2 layers x 64), mini (4 x 256), small "
+                             "(6 x 384), base, gpt2-small, bert-base (12 x 768), gpt2-medium (24 x 1024) - or a "
+                             "model directory / Hub id to continue pretraining.", short="-m")
+    architecture: Optional[str] = opt(None, "Architecture of a fresh model: gpt2 or llama for clm, bert or "
+                                            "roberta for mlm (default: gpt2 / bert).",
+                                      choices=("gpt2", "llama", "bert", "roberta"))
     layers: Optional[int] = opt(None, "Override the preset's number of layers.", check="positive")
     hidden: Optional[int] = opt(None, "Override the preset's hidden size.", check="positive")
     heads: Optional[int] = opt(None, "Override the preset's attention heads.", check="positive")
@@ -147,6 +158,8 @@ class PretrainConfig(TrainSettings):
                                           "capped to the model's positions).", check="positive")
     tokens_per_step: Optional[int] = opt(None, "Tokens per optimizer step (sets the global batch to "
                                                "tokens_per_step / block_size).", check="positive")
+    # A pretraining budget only: a classifier's examples differ in length, so finetune counts steps or epochs.
+    max_tokens: Optional[int] = opt(None, "Stop after this many training tokens.", check="positive")
     vocab_size: int = opt(8192, "Vocabulary size of a tokenizer trained on the fly.", check="positive")
     tokenizer_type: Optional[str] = opt(None, "Tokenizer trained on the fly (default: bpe for clm, wordpiece "
                                               "for mlm).", choices=("bpe", "wordpiece", "unigram"))
@@ -164,13 +177,21 @@ class FinetuneConfig(TrainSettings):
     text_pair_column: Optional[str] = opt(None, "Second text column, for sentence-pair tasks.")
     multi_label: bool = opt(False, "Each example may carry several labels (sigmoid per label).")
     label_separator: str = opt(",", "Separator between labels in a string label (multi-label).")
-    threshold: float = opt(0.5, "Decision threshold per label (multi-label).", check="fraction")
+    threshold: Optional[str] = opt(None, "Decision threshold of each label with --multi-label (default: 0.5), "
+                                         "saved with the model for evaluate and classify: one number for all labels, "
+                                         "one per label separated by commas (in the order of config.json's "
+                                         "id2label), or `auto`: the threshold that maximises the label's F1 on the "
+                                         "evaluation data, tuned at each evaluation (0.5 without evaluation data).")
     max_length: Optional[int] = opt(None, "Truncate texts to this many tokens (default: the model's limit, "
                                           "at most 512).", check="positive")
     class_weights: Optional[str] = opt(None, "Weigh classes in the loss: `auto` (inverse frequency) or a "
                                              "comma-separated list of numbers.")
-    metric: str = opt("accuracy", "Metric that picks the best model and drives early stopping.",
-                      choices=("accuracy", "f1_macro", "f1_micro", "loss"))
+    metric: str = opt("accuracy", "Metric that picks the best model and drives early stopping (loss: lower is "
+                                  "better; the others: higher). f1, precision and recall are as the `evaluate` "
+                                  "library's: of label id 1 for two classes, macro averages for more classes and "
+                                  "for --multi-label.",
+                      choices=("accuracy", "f1", "precision", "recall", "f1_macro", "f1_micro", "f1_weighted",
+                               "matthews_correlation", "loss"))
     patience: Optional[int] = opt(None, "Stop after this many evaluations without improvement.",
                                   check="positive")
     group_by_length: bool = opt(True, "Batch examples of similar length together (less padding).")
@@ -184,7 +205,10 @@ class EvaluateConfig(DataSettings):
     label_column: Optional[str] = opt(None, "Column holding the label (classifiers).")
     text_pair_column: Optional[str] = opt(None, "Second text column, for sentence-pair tasks.")
     metric: list[str] = opt([], "Extra metrics by name: any that `evaluate` knows (loaded from the Hub when "
-                                "online); accuracy, f1, precision, recall work offline.")
+                                "online). Built in, offline and always reported for classifiers: accuracy, f1, "
+                                "precision, recall (as `evaluate` defines them: of label id 1 for two classes; "
+                                "for more classes and multi-label, where `evaluate` needs an average, macro), "
+                                "f1_macro, f1_micro, f1_weighted, matthews_correlation.")
     block_size: Optional[int] = opt(None, "Tokens per sequence for language models (default: the model's "
                                           "training block size).", check="positive")
     batch_size: int = opt(32, "Examples per forward pass.", check="positive")

@@ -119,7 +119,7 @@ def tokenize_corpus(data: list[str], tokenizer, *, eval_data: list[str] | None =
             info["cached"] = True
             return TokenizedCorpus(final, info)
     if output is not None and final.exists():
-        shutil.rmtree(final)  # an earlier `llmkit tokenize` output of other inputs, ours to replace
+        _remove_earlier_output(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with building(final) as tmp:
@@ -137,6 +137,20 @@ def tokenize_corpus(data: list[str], tokenizer, *, eval_data: list[str] | None =
         (tmp / src.TOKENIZED_MARKER).write_text(json.dumps(info, indent=2))
     info["cached"] = False
     return TokenizedCorpus(final, info)
+
+
+def check_replaceable(path: Path) -> None:
+    """A new `llmkit tokenize` output may replace an earlier one (it has llmkit's marker) or an empty directory;
+    anything else is someone's data: refuse, before any work."""
+    if not path.exists() or path.is_dir() and ((path / src.TOKENIZED_MARKER).is_file() or not any(path.iterdir())):
+        return
+    raise UsageError(f"{path} exists and is not an `llmkit tokenize` output (no {src.TOKENIZED_MARKER}): move "
+                     "it away, or choose another --output")
+
+
+def _remove_earlier_output(path: Path) -> None:
+    check_replaceable(path)
+    shutil.rmtree(path)
 
 
 def _write_documents(batches: Iterator[list[str]], tokenizer, directory: Path, validation_split: float,
@@ -275,7 +289,10 @@ def label_names(value: Any, multi_label: bool, separator: str) -> list[str]:
     return [str(value).strip()]
 
 
-def infer_label_space(values: list[Any], multi_label: bool, separator: str) -> LabelSpace:
+def infer_label_space(values: list[Any], multi_label: bool, separator: str,
+                      declared: list[str] | None = None) -> LabelSpace:
+    """The labels found in `values`, sorted; or, for a ClassLabel column, all the names it `declared`, in its order,
+    so that the model's label ids are the dataset's."""
     names = sorted({n for v in values for n in label_names(v, multi_label, separator)}, key=_label_order)
     if len(names) < 2 and not multi_label:
         found = names[0] if names else "none"
@@ -283,7 +300,25 @@ def infer_label_space(values: list[Any], multi_label: bool, separator: str) -> L
                           "check --label-column and the data")
     if not names:
         raise LlmkitError("the training data holds no labels: check --label-column")
-    return LabelSpace(names, multi_label)
+    return LabelSpace(declared or names, multi_label)
+
+
+def class_label_names(table, column: str) -> list[str] | None:
+    """The names of a `datasets` ClassLabel column, or None. Hub datasets (imdb, ag_news, glue) store labels as
+    ids and keep their names in the column's feature."""
+    import datasets
+
+    feature = table.features.get(column)
+    feature = getattr(feature, "feature", feature)  # multi-label: a list of ClassLabel
+    return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+
+
+def _named(ids: list[Any], names: list[str]) -> list[Any]:
+    """ClassLabel ids as their names; a negative id (-1 marks the unlabelled test rows of GLUE) as no label."""
+    def name(i: int | None) -> str | None:
+        return names[i] if i is not None and i >= 0 else None
+
+    return [[names[i] for i in v if i >= 0] if isinstance(v, list) else name(v) for v in ids]
 
 
 def _label_order(name: str) -> tuple:
@@ -323,8 +358,11 @@ def prepare_classification(data: list[str], tokenizer, labels: LabelSpace | None
         if require_labels or label_column is not None:
             raise
     raw_labels = table[label_col] if label_col else None
+    declared = class_label_names(table, label_col) if label_col else None
+    if declared is not None:
+        raw_labels = _named(raw_labels, declared)
     if labels is None:
-        labels = infer_label_space(raw_labels, multi_label, label_separator)
+        labels = infer_label_space(raw_labels, multi_label, label_separator, declared)
     key = cache_key(kind="cls", data=[s.fingerprint() for s in sources], tokenizer=fingerprint(tokenizer),
                     text=text_col, pair=pair_col, label=label_col, names=labels.names, multi=labels.multi_label,
                     sep=label_separator, max_length=max_length, max_samples=max_samples)

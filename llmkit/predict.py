@@ -13,11 +13,11 @@ def read_texts(texts: list[str], file: str | None, text_column: str | None, stdi
     from llmkit import sources as src
 
     out: list[str] = []
-    for text in texts:
+    for number, text in enumerate(texts, start=1):
         if text == "-":
             out.extend(_stdin_lines(stdin))
         else:
-            out.append(text)
+            out.append(_checked_argument(text, number))
     if file is not None:
         path = Path(file).expanduser()
         if not path.is_file():
@@ -34,6 +34,18 @@ def read_texts(texts: list[str], file: str | None, text_column: str | None, stdi
         raise UsageError('nothing to classify: give texts (llmkit classify "some text" --model DIR), --file FILE, '
                          "or - to read stdin")
     return out
+
+
+def _checked_argument(text: str, number: int) -> str:
+    """A text argument as given. Python decodes command-line bytes that are not UTF-8 into lone surrogates,
+    which the tokenizer and JSON cannot take: name the argument instead."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        raise LlmkitError(f"text argument {number} ({shown[:40]!r}) is not valid UTF-8: give it as UTF-8 text (set "
+                          "the terminal to UTF-8, or convert the text)") from None
+    return text
 
 
 def _stdin_lines(stdin: TextIO) -> Iterable[str]:
@@ -66,9 +78,11 @@ class Classifier:
     """A fine-tuned sequence classifier, ready to label texts."""
 
     def __init__(self, model: str, precision: str = "auto", max_length: int | None = None, device: str | None = None):
+        import numpy as np
         import torch
 
         from llmkit import tasks
+        from llmkit.evaluation import saved_thresholds
         from llmkit.tokenizer import load_tokenizer
 
         if tasks.objective_of(model) != "classification":
@@ -80,6 +94,7 @@ class Classifier:
         config = self.model.config
         self.names = [config.id2label[i] for i in range(config.num_labels)]
         self.multi_label = config.problem_type == "multi_label_classification"
+        self.thresholds = np.asarray(saved_thresholds(config, self.names))
         limit = tasks.max_positions(self.model) or 512
         self.max_length = min(max_length or limit, limit, self.tokenizer.model_max_length or limit)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else \
@@ -121,7 +136,7 @@ class Classifier:
             ranked = np.argsort(-probs[i], kind="stable")[:k]
             entry: dict[str, Any] = {"text": text, "label": self.names[ranked[0]], "score": float(probs[i, ranked[0]])}
             if self.multi_label:
-                entry["labels"] = [self.names[j] for j in np.flatnonzero(probs[i] >= 0.5)]
+                entry["labels"] = [self.names[j] for j in np.flatnonzero(probs[i] >= self.thresholds)]
             if k > 1:
                 entry["top_k"] = [{"label": self.names[j], "score": float(probs[i, j])} for j in ranked]
             entry["truncated"] = bool(full[i] > self.max_length)

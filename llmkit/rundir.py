@@ -7,7 +7,8 @@
       best/                  the best model by the run's metric (a model directory as well)
       checkpoints/step-N/    resumable training state
 
-A finished run is never overwritten without --overwrite, and --overwrite removes only what llmkit wrote.
+A finished run is never overwritten without --overwrite, and --overwrite removes only what llmkit wrote. A
+directory llmkit did not write (no record, no lock) is refused: the final model would land among its files.
 """
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ from llmkit import checkpoint as ckpt
 from llmkit.errors import UsageError
 
 RECORD = "llmkit_run.json"
-LOCK = ".llmkit.lock"
-OWNED = ("checkpoints", "best", "metrics.jsonl", "curves.png", RECORD)
+LOCK = ".llmkit.lock"  # created by the first run in a directory and kept: it also says "llmkit was here"
+# What a run writes besides the final model (whose files the record lists): what --overwrite removes.
+OWNED = ("checkpoints", "best", "metrics.jsonl", "curves.png", "tensorboard", RECORD)
+FINAL_TMP = ".tmp-final"
+SHARED_MARKER = ".llmkit-shared-"  # train.writes_output's probe for a shared file system; a crash may leave one
 
 
 def _save_model(model, directory: Path) -> None:
@@ -42,19 +46,42 @@ def _save_model(model, directory: Path) -> None:
         del model.should_save_on_this_rank
 
 
+def _written_by_llmkit(path: Path) -> bool:
+    """What llmkit may find in a directory without its record or lock: checkpoints, and a stray probe marker."""
+    if path.name.startswith(SHARED_MARKER):
+        return True
+    return path.name == "checkpoints" and path.is_dir() and all(ckpt.is_checkpoint_entry(p.name)
+                                                                 for p in path.iterdir())
+
+
 class RunDir:
     def __init__(self, path: Path, main: bool = True):
         self.path = path
         self.main = main
         self._lock_fd: int | None = None
 
-    def start(self, resume: bool, overwrite: bool, keep_metrics_until: int | None = None) -> None:
-        if not self.main:
+    def claim(self) -> None:
+        """Make an existing --output this run's before anything is read from it: refuse a directory llmkit did not
+        write, take the lock, and repair what a crash between two renames left. A new directory is claimed by
+        `start`, so that a command failing before then leaves nothing behind."""
+        if not self.main or self._lock_fd is not None:
             return
         if self.path.exists() and not self.path.is_dir():
             raise UsageError(f"--output {self.path} is a file: give a directory")
-        self.path.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            return
+        self._refuse_foreign()
         self._lock()
+        ckpt.recover_checkpoints(self.path)
+        ckpt.recover(self.path / "best")
+        shutil.rmtree(self.path / FINAL_TMP, ignore_errors=True)  # the final export starts again at the end
+
+    def start(self, resume: bool, overwrite: bool, keep_metrics_until: int | None = None) -> None:
+        if not self.main:
+            return
+        if self._lock_fd is None:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.claim()
         record = self.read_record()
         if not resume:
             if record is not None and not overwrite:
@@ -71,6 +98,18 @@ class RunDir:
             self._truncate_metrics(keep_metrics_until)
         self.write_record({"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
+    def _refuse_foreign(self) -> None:
+        """Without llmkit's record or lock, a directory is llmkit's only if it holds nothing but checkpoints
+        (copied in to resume from): anywhere else the final model would overwrite same-named files, and
+        --overwrite could not tell theirs from ours."""
+        if (self.path / RECORD).is_file() or (self.path / LOCK).is_file():
+            return
+        foreign = sorted(p.name for p in self.path.iterdir() if not _written_by_llmkit(p))
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise UsageError(f"--output {self.path} holds files llmkit did not write ({shown}): choose an empty or "
+                             "new directory")
+
     def _lock(self) -> None:
         import fcntl
 
@@ -79,9 +118,15 @@ class RunDir:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            raise UsageError(f"another llmkit run is using {self.path}: wait for it, or choose another --output") \
-                from None
-        self._lock_fd = fd  # released when the process exits
+            raise UsageError(f"another llmkit run is using {self.path} (it holds {self.path / LOCK}): wait for it "
+                             "to finish, or choose another --output") from None
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        """Let the next run in (a process that exits releases its lock too)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def _remove_owned(self, record: dict | None) -> None:
         names = set(OWNED) | set((record or {}).get("files", []))
@@ -115,8 +160,12 @@ class RunDir:
         record = self.read_record() or {}
         record.update(update)
         tmp = self.path / f".{RECORD}.tmp"
-        tmp.write_text(json.dumps(record, indent=2, default=str))
+        with open(tmp, "w") as f:
+            f.write(json.dumps(record, indent=2, default=str))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.path / RECORD)
+        ckpt.fsync(self.path)
 
     def log(self, entry: dict[str, Any]) -> None:
         if not self.main:
@@ -130,7 +179,7 @@ class RunDir:
         `best/` as one directory rename, the final model at the top of the run directory file by file."""
         from llmkit.card import model_card
 
-        target = directory if not final else self.path / ".tmp-final"
+        target = directory if not final else self.path / FINAL_TMP
         tmp = ckpt.temporary_sibling(target) if not final else target
         if final:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -147,8 +196,11 @@ class RunDir:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # a disk that filled up leaves no half-written model
             raise
-        files = sorted(p.name for p in tmp.iterdir())
-        for name in files:
-            os.replace(tmp / name, self.path / name)
+        files = sorted(set(full.get("files", [])) | {p.name for p in tmp.iterdir()})
+        self.write_record({"files": files})  # claimed before they land: --overwrite removes a half-moved model too
+        ckpt.sync_tree(tmp)
+        for path in list(tmp.iterdir()):
+            os.replace(path, self.path / path.name)
+        ckpt.fsync(self.path)
         tmp.rmdir()
         self.write_record({**full, "files": files, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})

@@ -52,7 +52,7 @@ class TrainJob:
     masking: Masking | None = None
     class_weights: torch.Tensor | None = None
     multi_label: bool = False
-    threshold: float = 0.5
+    threshold: float | list[float] | str = 0.5  # multi-label: for all labels, per label, or "auto" (see evaluation)
     label_names: list[str] | None = None
     tokens_per_example: int | None = None  # block size for language models
     record: dict[str, Any] = field(default_factory=dict)  # what the run directory's llmkit_run.json says
@@ -89,13 +89,25 @@ def make_accelerator(precision: str, report_to: list[str] | None = None, project
     # precisions in one process, so a state of another precision is dropped (the process group is kept).
     if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") != mixed:
         AcceleratorState._reset_state()
-    try:
-        accelerator = Accelerator(mixed_precision=mixed, log_with=report_to or None, project_dir=project_dir,
-                                  cpu=device.type == "cpu")
-    except ImportError as e:
-        raise UsageError(f"--report-to {','.join(report_to or [])}: {e}; install the tracker's package (pip install "
-                         "tensorboard / wandb) or drop --report-to") from None
+    check_trackers(report_to or [])
+    from accelerate.utils import ProjectConfiguration
+
+    project = ProjectConfiguration(project_dir=project_dir, logging_dir=str(Path(project_dir) / "tensorboard")) \
+        if project_dir else None
+    accelerator = Accelerator(mixed_precision=mixed, log_with=report_to or None, project_config=project,
+                              cpu=device.type == "cpu")
     return accelerator, resolved
+
+
+def check_trackers(report_to: list[str]) -> None:
+    """Accelerate silently drops a tracker whose package is missing: a run asked to log somewhere must say so."""
+    import importlib.util
+
+    packages = {"tensorboard": "tensorboard", "wandb": "wandb"}
+    missing = [name for name in report_to if importlib.util.find_spec(packages.get(name, name)) is None]
+    if missing:
+        raise UsageError(f"--report-to {', '.join(missing)}: the package is not installed; pip install "
+                         f"{' '.join(packages[m] for m in missing)} (or drop --report-to)")
 
 
 def lr_lambda(warmup: int, total: int, schedule: str, min_ratio: float) -> Callable[[int], float]:
@@ -173,8 +185,9 @@ def make_plan(job: TrainJob, processes: int, precision: str) -> Plan:
     limits = []
     if cfg.max_steps:
         limits.append(cfg.max_steps)
-    if cfg.max_tokens and job.tokens_per_example:
-        limits.append(max(1, math.ceil(cfg.max_tokens / (global_batch * job.tokens_per_example))))
+    max_tokens = getattr(cfg, "max_tokens", None)  # pretraining only
+    if max_tokens and job.tokens_per_example:
+        limits.append(max(1, math.ceil(max_tokens / (global_batch * job.tokens_per_example))))
     if cfg.epochs:
         limits.append(max(1, math.ceil(cfg.epochs * steps_per_epoch)))
     steps = min(limits) if limits else steps_per_epoch
@@ -205,8 +218,15 @@ def fit(job: TrainJob) -> dict[str, Any]:
     plan = make_plan(job, world, precision)
     base_model = job.model
     if cfg.gradient_checkpointing:
-        base_model.gradient_checkpointing_enable()
+        # transformers 5 renamed it; older releases only have the first name
+        enable = getattr(base_model, "activation_checkpointing_enable", None) or \
+            base_model.gradient_checkpointing_enable
+        enable()
     base_model.to(accelerator.device)
+    if accelerator.device.type == "cpu":
+        from llmkit.tasks import use_fast_dropout
+
+        use_fast_dropout(base_model)
     optimizer = make_optimizer(base_model, plan.learning_rate, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(plan.warmup, plan.steps, cfg.lr_schedule, cfg.min_lr_ratio))
@@ -217,13 +237,16 @@ def fit(job: TrainJob) -> dict[str, Any]:
     if cfg.dry_run:
         return dry_run(job, plan, accelerator, base_model, optimizer, scheduler, sampler)
     run = RunDir(Path(cfg.output), main=writes_output(accelerator, Path(cfg.output)))
+    run.claim()  # lock an existing --output and repair what a crash left there before a checkpoint is picked
+    accelerator.wait_for_everyone()
 
     start_step = 0
     state = {"best": None, "best_step": None, "bad_evals": 0, "tokens": 0, "train_loss": float("nan"), "eval": {}}
     resume_from = None
     if cfg.resume:
         resume_from = ckpt.find_resume_checkpoint(cfg.resume, run.path)
-        loaded = ckpt.load_training_state(resume_from, base_model, optimizer, scheduler, rank, signature)
+        loaded = ckpt.load_training_state(resume_from, base_model, optimizer, scheduler, rank, signature,
+                                          scaler=accelerator.scaler)
         if loaded["processes"] != world or loaded["global_batch"] != plan.global_batch:
             raise UsageError(f"checkpoint {resume_from} was written by a run with {loaded['processes']} processes "
                              f"and global batch {loaded['global_batch']}: resume with the same (now {world} and "
@@ -256,6 +279,7 @@ def fit(job: TrainJob) -> dict[str, Any]:
         _restore_signal_handlers(handlers)
         if cfg.report_to:
             accelerator.end_training()
+        run.release()
     return last_metrics
 
 
@@ -347,6 +371,7 @@ def _loop(job, plan, accelerator, model, base_model, optimizer, scheduler, sampl
     device = accelerator.device
     loss_total = torch.zeros((), device=device)
     items_total = torch.zeros((), device=device)
+    first_bad = torch.zeros((), dtype=torch.long, device=device)  # the first step whose loss was not finite, or 0
     window_start, window_step, window_tokens = time.perf_counter(), start_step, 0
     eval_metrics: dict[str, Any] = dict(state.get("eval") or {})  # a run resumed at its last step has no more
     train_loss = state.get("train_loss", float("nan"))
@@ -360,15 +385,17 @@ def _loop(job, plan, accelerator, model, base_model, optimizer, scheduler, sampl
             items_total += items
             window_tokens += tokens
             step += 1
+            first_bad += ((first_bad == 0) & ~torch.isfinite(loss_sum)) * step  # on the device: no wait per step
             state["tokens"] += plan.global_batch * (job.tokens_per_example or 0)
 
             last = step == plan.steps
-            if step % cfg.log_every == 0 or last or stop["signal"]:
+            stopping = _agreed_signal(stop, accelerator)
+            if step % cfg.log_every == 0 or last or stopping:
+                _check_finite(accelerator, run, first_bad, step)
                 if world > 1:
                     loss_total = accelerator.reduce(loss_total, reduction="sum")
                 train_loss = (loss_total / items_total.clamp(min=1)).item()
                 state["train_loss"] = train_loss
-                _check_finite(train_loss, step, run)
                 seconds = time.perf_counter() - window_start
                 figures = {"loss": train_loss, "lr": scheduler.get_last_lr()[0],
                            "tok/s": window_tokens / max(seconds, 1e-9)}
@@ -388,11 +415,14 @@ def _loop(job, plan, accelerator, model, base_model, optimizer, scheduler, sampl
                 window_start, window_step, window_tokens = time.perf_counter(), step, 0
 
             if job.eval_data is not None and (step % plan.eval_every == 0 or last):
+                _check_finite(accelerator, run, first_bad, step, model=base_model)  # before a best/ export
                 eval_metrics = evaluate_model(job.objective, model, job.eval_data, accelerator,
                                               batch_size=max(plan.micro_batch, 8), seed=cfg.seed,
                                               masking=job.masking, max_batches=None if last else cfg.eval_batches,
                                               multi_label=job.multi_label, threshold=job.threshold,
                                               label_names=job.label_names)
+                if "thresholds" in eval_metrics:  # multi-label: export the model with the thresholds just used
+                    base_model.config.llmkit_thresholds = eval_metrics["thresholds"]
                 model.train()
                 state["eval"] = {k: v for k, v in eval_metrics.items() if isinstance(v, (int, float))}
                 run.log({"step": step, **{f"eval_{k}": v for k, v in eval_metrics.items()
@@ -411,11 +441,12 @@ def _loop(job, plan, accelerator, model, base_model, optimizer, scheduler, sampl
 
             patience = getattr(cfg, "patience", None)
             out_of_patience = patience is not None and state["bad_evals"] >= patience
-            if step % plan.save_every == 0 or stop["signal"] or (out_of_patience and not last):
+            if step % plan.save_every == 0 or stopping or (out_of_patience and not last):
+                _check_finite(accelerator, run, first_bad, step, model=base_model)  # --resume auto trusts a save
                 _save_checkpoint(accelerator, run, base_model, optimizer, scheduler, step, plan, state, signature,
                                  cfg.keep_checkpoints)
-            if stop["signal"] and not last:
-                raise Interrupted(f"stopped by {stop['signal']} at step {step}; checkpoint saved: continue with the "
+            if stopping and not last:
+                raise Interrupted(f"stopped by {stopping} at step {step}; checkpoint saved: continue with the "
                                   f"same command and --resume auto")
             if out_of_patience and not last:
                 display.info(f"early stop at step {step}: {job.metric} has not improved for {patience} evaluations "
@@ -425,6 +456,7 @@ def _loop(job, plan, accelerator, model, base_model, optimizer, scheduler, sampl
     final = {"step": step, "train_loss": train_loss, **{f"eval_{k}": v for k, v in eval_metrics.items()}}
     if state["best"] is not None:
         final.update(best_step=state["best_step"], **{f"best_{job.metric}": state["best"]})
+    _check_finite(accelerator, run, first_bad, step, model=base_model)
     digests = [weights_digest(base_model)]
     if world > 1:  # data parallelism must leave every process with the same weights: check it
         from accelerate.utils import gather_object
@@ -438,7 +470,10 @@ def _loop(job, plan, accelerator, model, base_model, optimizer, scheduler, sampl
                                                          "weights_sha256_by_rank": digests}, final=True)
         from llmkit.plot import save_curves
 
-        save_curves([run.path], run.path / "curves.png")
+        try:
+            save_curves([run.path], run.path / "curves.png")
+        except Exception as e:  # a picture must not fail a finished run: say so and go on
+            display.info(f"[yellow]could not draw {run.path / 'curves.png'}: {e}[/yellow]")
     accelerator.wait_for_everyone()
     return final
 
@@ -490,12 +525,25 @@ def _to_device(batch: dict[str, Any], device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _check_finite(loss: float, step: int, run: RunDir) -> None:
-    if not math.isfinite(loss):
-        kept = ckpt.checkpoint_dirs(run.path)
-        where = f"; the last good checkpoint is {kept[-1]}" if kept else ""
-        raise LlmkitError(f"the loss became {loss} at step {step}: lower --learning-rate, or train in --precision "
-                          f"fp32{where}")
+def _check_finite(accelerator, run: RunDir, first_bad: torch.Tensor, step: int, model=None) -> None:
+    """Stop before a diverged state is logged, exported or saved: raise if the loss of any step so far, on any
+    process, was not finite (`first_bad` names the first such step), or - given `model` - if its weights are
+    not. One host sync, so only at log, evaluation and save steps."""
+    flags = first_bad.reshape(1)
+    if model is not None:
+        finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
+        flags = torch.cat([flags, (~finite).long().reshape(1)])
+    flags = accelerator.gather(flags.reshape(1, -1)).cpu()  # one row per process
+    bad_steps = flags[:, 0][flags[:, 0] > 0]
+    if bad_steps.numel():
+        what = f"the loss became nan or inf at step {int(bad_steps.min())}"
+    elif model is not None and flags[:, 1].any():
+        what = f"the weights became nan or inf by step {step}"
+    else:
+        return
+    kept = ckpt.checkpoint_dirs(run.path)
+    where = f"; the last good checkpoint is {kept[-1]}" if kept else ""
+    raise LlmkitError(f"{what}: lower --learning-rate, or train in --precision fp32{where}")
 
 
 def _save_checkpoint(accelerator, run: RunDir, model, optimizer, scheduler, step: int, plan: Plan, state: dict,
@@ -509,7 +557,7 @@ def _save_checkpoint(accelerator, run: RunDir, model, optimizer, scheduler, step
         if run.main:
             training_state = {"step": step, "processes": plan.processes, "global_batch": plan.global_batch,
                               "model_signature": signature, **state}
-            ckpt.save_training_state(tmp, model, optimizer, scheduler, training_state)
+            ckpt.save_training_state(tmp, model, optimizer, scheduler, training_state, scaler=accelerator.scaler)
             ckpt.commit(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a disk that filled up leaves no half-written checkpoint
@@ -534,6 +582,17 @@ def _install_signal_handlers(stop: dict) -> dict:
         except ValueError:  # not the main thread
             pass
     return previous
+
+
+def _agreed_signal(stop: dict, accelerator) -> str | None:
+    """The signal to stop on after this step, if any. The ranks of a job receive a signal at slightly different
+    moments, yet stopping saves a checkpoint together (collectives): so they vote after every step (a one-number
+    all-gather, the only wait per step of a multi-process run), and a signal to any rank stops them all."""
+    if accelerator.num_processes == 1:
+        return stop["signal"]
+    mine = signal.Signals[stop["signal"]].value if stop["signal"] else 0
+    agreed = int(accelerator.gather(torch.tensor([mine], device=accelerator.device)).max().item())
+    return signal.Signals(agreed).name if agreed else None
 
 
 def _restore_signal_handlers(previous: dict) -> None:

@@ -2,9 +2,11 @@
 
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,11 +23,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _pretrain_args(tok, out, *extra, steps=8):
+    return ["pretrain", "--data", str(tok / "data"), "--tokenizer", str(tok), "--output", str(out), "--model", "tiny",
+            "--block-size", "64", "--global-batch-size", "16", "--max-steps", str(steps), "--precision", "fp32",
+            "--quiet", *extra]
+
+
 def _pretrain(tok, out, *extra):
-    args = [LLMKIT, "pretrain", "--data", str(tok / "data"), "--tokenizer", str(tok), "--output", str(out),
-            "--model", "tiny", "--block-size", "64", "--global-batch-size", "16", "--max-steps", "8",
-            "--eval-every", "4", "--precision", "fp32", "--quiet", *extra]
-    return subprocess.run(args, capture_output=True, text=True, timeout=600)
+    return subprocess.run([LLMKIT, *_pretrain_args(tok, out, "--eval-every", "4", *extra)], capture_output=True,
+                          text=True, timeout=600)
+
+
+def _error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
 def _max_difference(a: Path, b: Path) -> float:
@@ -99,8 +109,42 @@ def test_resuming_with_another_number_of_processes_is_refused(tokenizer_dir, tmp
     assert first.returncode == 0, first.stderr
     (out / "llmkit_run.json").unlink()  # pretend it was interrupted
     again = _pretrain(tokenizer_dir, out, "--resume", "auto", "--num-processes", "2")
-    assert again.returncode != 0
-    assert "was written by a run with 1 processes" in again.stderr
+    assert again.returncode == 2, again.stderr  # a usage error, as in one process
+    [line] = _error_lines(again.stderr)  # once for the job, not once per rank
+    assert "was written by a run with 1 processes" in line and "Traceback" not in again.stderr
+
+
+def test_usage_error_in_the_ranks_through_the_python_entry_point(tokenizer_dir, tmp_path):
+    # main(argv) must launch the ranks with argv, not with this process's sys.argv (here just ["-c"]).
+    args = _pretrain_args(tokenizer_dir, tmp_path / "run", "--num-processes", "2", "--micro-batch-size", "3")
+    r = subprocess.run([sys.executable, "-c", f"from llmkit.cli import main; main({args!r})"], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 2, r.stderr
+    assert _error_lines(r.stderr) == ["error: --micro-batch-size 3 does not divide the 8 examples each process takes "
+                                      "per step (global batch 16 / 2 processes): pick a divisor"], r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_sigterm_stops_two_processes_with_a_checkpoint_and_resume_finishes(tokenizer_dir, tmp_path):
+    out = tmp_path / "run"
+    command = [LLMKIT, *_pretrain_args(tokenizer_dir, out, "--num-processes", "2", "--log-every", "1", steps=60)]
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").is_file() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.02)  # the ranks are training once they log their first step
+    job.send_signal(signal.SIGTERM)  # to the llmkit process only, as a scheduler or `kill` would
+    _, stderr = job.communicate(timeout=300)
+    assert job.returncode == 130, stderr
+    [line] = _error_lines(stderr)
+    assert line.startswith("error: stopped by SIGTERM at step ") and "--resume auto" in line
+    assert "Traceback" not in stderr and stderr.count("--resume auto") == 1
+    saved = sorted((out / "checkpoints").glob("step-*"))
+    assert saved and not (out / "model.safetensors").exists()
+
+    resumed = subprocess.run([*command, "--resume", "auto"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    record = json.loads((out / "llmkit_run.json").read_text())
+    assert record["step"] == 60 and len(set(record["weights_sha256_by_rank"])) == 1
 
 
 def test_every_accelerate_config_loads():

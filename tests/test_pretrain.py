@@ -97,6 +97,34 @@ def test_continue_pretraining_from_a_saved_model(clm_run, shakespeare, tmp_path)
     assert metrics["eval_loss"] < 6.0  # starts from the trained model, not from scratch (~6.9 for 1,000 tokens)
 
 
+@pytest.mark.parametrize("objective, architecture, auto_class", [
+    ("clm", "llama", "AutoModelForCausalLM"), ("mlm", "roberta", "AutoModelForMaskedLM")])
+def test_other_architectures_learn_and_load(objective, architecture, auto_class, shakespeare, tokenizer_dir,
+                                            wordpiece_dir, tmp_path):
+    import transformers
+
+    tok = tokenizer_dir if objective == "clm" else wordpiece_dir
+    out = tmp_path / architecture
+    metrics = tiny_pretrain(objective, shakespeare, out, tok, architecture=architecture, max_steps=60,
+                            eval_every=30)
+    losses = _losses(out)
+    assert losses[-1] < losses[0] - (0.7 if objective == "clm" else 0.4), losses  # masked LMs learn slower
+    model = getattr(transformers, auto_class).from_pretrained(out)
+    assert model.config.model_type == architecture and metrics["eval_loss"] < losses[0]
+    ids = torch.tensor([load_tokenizer(str(out))("Good morrow, my lord")["input_ids"]])
+    assert model(ids).logits.shape[:2] == ids.shape
+
+
+def test_architecture_must_fit_the_objective_and_a_fresh_model(clm_run, shakespeare, tokenizer_dir, tmp_path):
+    from llmkit.errors import UsageError
+
+    with pytest.raises(UsageError, match="does not fit --objective mlm"):
+        tiny_pretrain("mlm", shakespeare, tmp_path / "x", tokenizer_dir, architecture="llama")
+    with pytest.raises(UsageError, match="shape a fresh model"):
+        tiny_pretrain("clm", shakespeare, tmp_path / "y", tokenizer_dir, model=str(clm_run[0]), layers=4)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
 def _weights(run):
     return load_file(run / "model.safetensors")
 

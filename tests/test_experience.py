@@ -1,0 +1,202 @@
+"""What a user sees around a run: help examples, the dry-run plan, JSON and quiet output, curves, model cards,
+TensorBoard logs, tokenizer round trips, and the loop's batch and schedule arithmetic."""
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import tiny_pretrain
+from typer.testing import CliRunner
+
+from llmkit.cli import app
+
+LLMKIT = shutil.which("llmkit", path=str(Path(sys.executable).parent)) or "llmkit"
+COMMANDS = ("tokenize", "pretrain", "finetune", "evaluate", "classify", "generate", "fill", "env", "recipes", "plot")
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_help_shows_an_example(name):
+    result = CliRunner().invoke(app, [name, "--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "Example:" in result.output and f"llmkit {name}" in result.output.split("Example:")[1]
+
+
+@pytest.mark.parametrize("tokenizer_type", ["bpe", "wordpiece", "unigram"])
+def test_trained_tokenizers_load_in_transformers_and_round_trip(shakespeare, tmp_path, tokenizer_type):
+    from transformers import AutoTokenizer
+
+    from llmkit.api import tokenize
+    from llmkit.config import TokenizeConfig
+
+    out = tmp_path / tokenizer_type
+    summary = tokenize(TokenizeConfig(data=[str(shakespeare)], output=str(out), vocab_size=600,
+                                      tokenizer_type=tokenizer_type, quiet=True))
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert len(tokenizer) == 600 == summary["vocab_size"]
+    assert summary["tokens"] > 20_000 and summary["documents"] > 100
+    text = "ROMEO: But, soft! what light through yonder window breaks?"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.unk_token_id not in ids  # everything in this line was seen in training
+    decoded = tokenizer.decode(ids)
+    if tokenizer_type == "wordpiece":  # BERT-style decoding puts spaces around punctuation
+        assert decoded.replace(" ", "") == text.replace(" ", "")
+    else:
+        assert decoded == text
+    if tokenizer_type == "bpe":
+        assert tokenizer.eos_token is not None
+    else:
+        assert tokenizer.mask_token is not None and tokenizer.pad_token is not None
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tokenizer_dir, tmp_path):
+    out = tmp_path / "never"
+    r = subprocess.run([LLMKIT, "pretrain", "--data", str(tokenizer_dir), "--output", str(out), "--model", "tiny",
+                        "--block-size", "64", "--global-batch-size", "16", "--max-steps", "500", "--dry-run",
+                        "--json", "--precision", "fp32"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert plan["steps"] == 500 and plan["examples_per_step"] == 16 and plan["tokens_per_step"] == 16 * 64
+    assert plan["training_tokens"] == 500 * 16 * 64
+    assert plan["total_flops"] > 6 * plan["parameters"] * plan["training_tokens"]
+    assert plan["precision"] == "fp32" and plan["processes"] == 1
+    assert plan["seconds_per_step"] > 0 and plan["estimated_hours"] > 0 and plan["memory_gb_estimate"] > 0
+    assert not out.exists()
+
+
+def test_json_and_quiet_final_result(tokenizer_dir, tmp_path):
+    common = ["pretrain", "--data", str(tokenizer_dir), "--model", "tiny", "--block-size", "64",
+              "--global-batch-size", "16", "--max-steps", "4", "--precision", "fp32"]
+    r = subprocess.run([LLMKIT, *common, "--output", str(tmp_path / "a"), "--json"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["step"] == 4
+    r = subprocess.run([LLMKIT, *common, "--output", str(tmp_path / "b"), "--quiet"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == "" and len(r.stdout.strip().splitlines()) == 1 and "train_loss" in r.stdout
+
+
+def test_a_run_leaves_curves_and_a_model_card(clm_run):
+    run, metrics = clm_run
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    card = (run / "README.md").read_text()
+    assert "from_pretrained" in card and "llmkit" in card
+    assert f"{metrics['eval_loss']:.4g}" in card  # the final metrics are written into the card
+    assert (run / "best" / "README.md").is_file()
+
+
+def test_report_to_tensorboard_writes_events(shakespeare, tokenizer_dir, tmp_path):
+    pytest.importorskip("tensorboard")  # a test extra: `make install` installs it
+    out = tmp_path / "tb"
+    tiny_pretrain("clm", shakespeare, out, tokenizer_dir, max_steps=10, log_every=5, eval_every=5,
+                  report_to=["tensorboard"])
+    events = list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = EventAccumulator(str(events[0].parent)).Reload().Tags()["scalars"]
+    assert "train/loss" in scalars and "eval/loss" in scalars
+
+
+def test_report_to_a_tracker_that_is_not_installed_is_a_usage_error(tmp_path):
+    from llmkit.errors import UsageError
+    from llmkit.train import check_trackers
+
+    with pytest.raises(UsageError, match="pip install"):
+        check_trackers(["tensorboard", "wandb"] if not _installed("wandb") else ["no-such-tracker"])
+
+
+def _installed(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def _plan(n=1000, tokens_per_example=64, **cfg):
+    from llmkit.train import TrainJob, make_plan
+
+    settings = dict(global_batch_size=None, micro_batch_size=None, tokens_per_step=None, max_steps=None,
+                    max_tokens=None, epochs=None, warmup_steps=None, learning_rate=None, eval_every=None,
+                    save_every=None)
+    settings.update(cfg)
+    job = TrainJob(cfg=SimpleNamespace(**settings), objective="clm", model=None, tokenizer=None,
+                   train_data=range(n), eval_data=None, default_learning_rate=1e-3, default_global_batch=32,
+                   tokens_per_example=tokens_per_example)
+    return make_plan(job, processes=1, precision="fp32")
+
+
+def test_batch_arithmetic():
+    plan = _plan(tokens_per_step=64 * 48, micro_batch_size=16)
+    assert plan.global_batch == 48 and plan.accumulation == 3 and plan.steps == 1000 // 48
+    plan = _plan(max_tokens=10 * 32 * 64 + 1)  # a partial step still counts
+    assert plan.steps == 11
+    plan = _plan(epochs=2.5)
+    assert plan.steps == math.ceil(2.5 * (1000 // 32))
+    assert plan.warmup == math.ceil(0.06 * plan.steps) and plan.eval_every == math.ceil(plan.steps / 10)
+    assert _plan(max_steps=100, warmup_steps=0.25).warmup == 25
+
+
+def test_schedule_shape():
+    from llmkit.train import lr_lambda
+
+    cosine = lr_lambda(10, 110, "cosine", 0.1)
+    assert cosine(0) == pytest.approx(0.1) and cosine(9) == pytest.approx(1.0)
+    assert cosine(60) == pytest.approx(0.55) and cosine(110) == pytest.approx(0.1)
+    linear = lr_lambda(0, 100, "linear", 0.0)
+    assert linear(0) == 1.0 and linear(50) == pytest.approx(0.5) and linear(100) == 0.0
+    assert lr_lambda(5, 100, "constant", 0.1)(80) == 1.0
+
+
+def test_weight_decay_spares_biases_and_norms():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from llmkit.train import make_optimizer
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=16))
+    decayed, spared = make_optimizer(model, 1e-3, 0.1, (0.9, 0.95)).param_groups
+    assert decayed["weight_decay"] == 0.1 and spared["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.dim() >= 2 for p in decayed["params"])
+    assert {names[id(p)].rsplit(".", 1)[-1] for p in spared["params"]} == {"bias", "weight"}  # ln_*.weight
+    assert all("ln" in names[id(p)] or names[id(p)].endswith("bias") for p in spared["params"])
+
+
+def test_gradient_checkpointing_gives_the_same_weights(shakespeare, tokenizer_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    plain, checkpointed = tmp_path / "plain", tmp_path / "ckpt"
+    tiny_pretrain("clm", shakespeare, plain, tokenizer_dir, max_steps=3, eval_every=100)
+    tiny_pretrain("clm", shakespeare, checkpointed, tokenizer_dir, max_steps=3, eval_every=100,
+                  gradient_checkpointing=True)
+    a, b = load_file(plain / "model.safetensors"), load_file(checkpointed / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+def test_fast_dropout_is_dropout():
+    from llmkit.tasks import FastDropout, use_fast_dropout
+
+    torch.manual_seed(0)
+    dropout = FastDropout(0.1).train()
+    x = torch.ones(300_001, requires_grad=True)
+    y = dropout(x)
+    assert abs((y == 0).float().mean().item() - 0.1) < 0.003  # 5 standard deviations
+    values = y.detach().unique().tolist()
+    assert len(values) == 2 and values[0] == 0 and values[1] == pytest.approx(1 / 0.9)
+    y.sum().backward()
+    assert torch.equal(x.grad, (y.detach() != 0).float() / 0.9)
+    torch.manual_seed(1)
+    first = dropout(x)
+    torch.manual_seed(1)
+    assert torch.equal(first, dropout(x))  # the global generator: seeded and resumed runs repeat
+    assert dropout.eval()(x) is x
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16))
+    assert use_fast_dropout(model) == 1 + 2 * 3  # embeddings, and per block attention, residual, MLP
+    assert not any(type(m) is torch.nn.Dropout for m in model.modules())
