@@ -64,7 +64,20 @@ class DataSettings(Common):
 
 
 @dataclass
-class TrainSettings(DataSettings):
+class LaunchSettings:
+    """How many processes and machines run the command (through accelerate's launcher)."""
+
+    num_processes: Optional[int] = opt(None, "Processes in all, over all machines (re-launches through "
+                                             "accelerate).", check="positive")
+    num_machines: int = opt(1, "Machines taking part.", check="positive")
+    machine_rank: int = opt(0, "This machine's rank, 0 to num_machines-1.", check="nonneg")
+    main_process_ip: Optional[str] = opt(None, "Address of the rank-0 machine.")
+    main_process_port: Optional[int] = opt(None, "Port of the rank-0 machine.", check="positive")
+    accelerate_config: Optional[str] = opt(None, "An accelerate config file (DDP, FSDP, DeepSpeed).")
+
+
+@dataclass
+class TrainSettings(LaunchSettings, DataSettings):
     data: list[str] = opt([], DATA_HELP, required=True)  # evaluate may score --eval-data alone; training may not
     output: Optional[str] = opt(None, "Run directory: final model at its top, checkpoints/, best/, "
                                       "metrics.jsonl.", short="-o", required=True)
@@ -112,13 +125,6 @@ class TrainSettings(DataSettings):
                                choices=("tensorboard", "wandb"))
     dry_run: bool = opt(False, "Print the plan (parameters, tokens, steps, FLOPs, memory, time) and stop.")
     json: bool = opt(False, "Print the final metrics (or the --dry-run plan) as one JSON object on stdout.")
-    num_processes: Optional[int] = opt(None, "Processes in all, over all machines (re-launches through "
-                                             "accelerate).", check="positive")
-    num_machines: int = opt(1, "Machines taking part.", check="positive")
-    machine_rank: int = opt(0, "This machine's rank, 0 to num_machines-1.", check="nonneg")
-    main_process_ip: Optional[str] = opt(None, "Address of the rank-0 machine.")
-    main_process_port: Optional[int] = opt(None, "Port of the rank-0 machine.", check="positive")
-    accelerate_config: Optional[str] = opt(None, "An accelerate config file (DDP, FSDP, DeepSpeed).")
 
 
 @dataclass
@@ -198,7 +204,7 @@ class FinetuneConfig(TrainSettings):
 
 
 @dataclass
-class EvaluateConfig(DataSettings):
+class EvaluateConfig(LaunchSettings, DataSettings):
     model: Optional[str] = opt(None, "Model directory or Hub id to evaluate.", short="-m", required=True)
     split: str = opt("validation", "What to score: `validation` (--eval-data, or the held-out part of --data) "
                                    "or `train` (all of --data).", choices=("validation", "train"))
@@ -219,9 +225,6 @@ class EvaluateConfig(DataSettings):
     json: bool = opt(False, "Print the metrics as one JSON object on stdout.")
     output: Optional[str] = opt(None, "Also write the metrics as JSON to this file.", short="-o")
     predictions: Optional[str] = opt(None, "Write per-example predictions to this .jsonl file.")
-    num_processes: Optional[int] = opt(None, "Processes in all (re-launches through accelerate).",
-                                       check="positive")
-    accelerate_config: Optional[str] = opt(None, "An accelerate config file.")
 
 
 @dataclass
