@@ -468,9 +468,9 @@ def _writing(path: Path) -> Iterator[TextIO]:
 def _write_predictions(path: Path, dataset, order, logits, predictions, names, multi, tokenizer) -> None:
     import numpy as np
 
-    from llmkit.evaluation import softmax
+    from llmkit.evaluation import sigmoid, softmax
 
-    probs = 1 / (1 + np.exp(-logits)) if multi else softmax(logits)
+    probs = sigmoid(logits) if multi else softmax(logits)
     labels = dataset["labels"] if "labels" in dataset.column_names else None
     with _writing(path) as f:
         for row, index in enumerate(order):
