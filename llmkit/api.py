@@ -87,19 +87,11 @@ def tokenize(cfg: TokenizeConfig) -> dict[str, Any]:
     try:
         output.mkdir(parents=True, exist_ok=True)
         tokenizer.save_pretrained(output)
-        with display.StepProgress("tokenize", None, unit="documents") as progress:
-            done = {"docs": 0, "tokens": 0}
-
-            def advance(docs: int, tokens: int) -> None:
-                done["docs"] += docs
-                done["tokens"] += tokens
-                progress.update(done["docs"], tokens=done["tokens"])
-
-            corpus = pipeline.tokenize_corpus(cfg.data, tokenizer, eval_data=cfg.eval_data,
-                                              validation_split=cfg.validation_split if not cfg.eval_data else 0.0,
-                                              text_column=cfg.text_column, sample_by=cfg.sample_by,
-                                              max_samples=cfg.max_samples, output=output / "data",
-                                              trust_remote_code=cfg.trust_remote_code, progress=advance)
+        corpus = pipeline.tokenize_corpus(cfg.data, tokenizer, eval_data=cfg.eval_data,  # shows its progress
+                                          validation_split=cfg.validation_split if not cfg.eval_data else 0.0,
+                                          text_column=cfg.text_column, sample_by=cfg.sample_by,
+                                          max_samples=cfg.max_samples, output=output / "data",
+                                          trust_remote_code=cfg.trust_remote_code)
     except BaseException:
         if created:  # a failed command leaves no half-written output behind
             shutil.rmtree(output, ignore_errors=True)
@@ -230,6 +222,9 @@ def default_finetune_lr(hidden: int) -> float:
 
 
 def _classifier_inputs(cfg, tokenizer, model_positions: int | None) -> int:
+    from llmkit.tasks import check_length
+
+    check_length(cfg.max_length or None, model_positions, "--max-length")  # refused, as --block-size is
     limit = min(512, model_positions or 512, tokenizer.model_max_length or 512)
     return min(cfg.max_length, model_positions or cfg.max_length) if cfg.max_length else limit
 

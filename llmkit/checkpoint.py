@@ -138,14 +138,16 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
                   key=lambda p: int(p.name[5:]))
 
 
-def find_resume_checkpoint(resume: str, run_dir: Path) -> Path:
-    """The checkpoint to resume from: the newest verified one for `auto`, else the given directory, verified."""
+def find_resume_checkpoint(resume: str, run_dir: Path, earlier_run: bool = False) -> Path:
+    """The checkpoint to resume from: the newest verified one for `auto`, else the given directory, verified.
+    `earlier_run`: run_dir holds a run (killed before its first checkpoint, say), which only --overwrite replaces."""
     if resume == "auto":
         for candidate in reversed(checkpoint_dirs(run_dir)):
             if verify(candidate):
                 return candidate
-        raise UsageError(f"--resume auto found no complete checkpoint in {run_dir / 'checkpoints'}: start without "
-                         "--resume, or pass --resume PATH to a checkpoint")
+        start = "start over with --overwrite instead" if earlier_run else "start without --resume"
+        raise UsageError(f"--resume auto found no complete checkpoint in {run_dir / 'checkpoints'}: {start}, or pass "
+                         "--resume PATH to a checkpoint")
     path = Path(resume).expanduser()
     if not (path / STATE).is_file():
         raise UsageError(f"--resume {resume} is not a checkpoint directory (no {STATE}): pass --resume auto or a "

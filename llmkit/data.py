@@ -122,7 +122,7 @@ def tokenize_corpus(data: list[str], tokenizer, *, eval_data: list[str] | None =
         _remove_earlier_output(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with building(final) as tmp:
+    with _tokenizing(progress) as progress, building(final) as tmp:
         batches = src.iter_text_batches(train_sources, text_column, sample_by, trust_remote_code=trust_remote_code)
         stats = _write_documents(batches, tokenizer, tmp, settings["validation_split"], max_samples, progress)
         if eval_sources:
@@ -137,6 +137,29 @@ def tokenize_corpus(data: list[str], tokenizer, *, eval_data: list[str] | None =
         (tmp / src.TOKENIZED_MARKER).write_text(json.dumps(info, indent=2))
     info["cached"] = False
     return TokenizedCorpus(final, info)
+
+
+@contextlib.contextmanager
+def _tokenizing(progress=None) -> Iterator[Any]:
+    """The progress callback (documents, tokens) to report to: the caller's, or else llmkit's own display of
+    the documents and tokens done (on a terminal only; nothing in logs or when quiet)."""
+    if progress is not None:
+        yield progress
+        return
+    from llmkit import display
+
+    with display.StepProgress("tokenize", None, unit="documents") as shown:
+        done = {"documents": 0, "tokens": 0}
+
+        def advance(documents: int, tokens: int) -> None:
+            done["documents"] += documents
+            done["tokens"] += tokens
+            figures = {"tokens": done["tokens"]}
+            if shown.due():
+                figures["tok/s"] = done["tokens"] / max(time.perf_counter() - shown.start, 1e-9)
+            shown.update(done["documents"], **figures)
+
+        yield advance
 
 
 def check_replaceable(path: Path) -> None:
@@ -166,18 +189,15 @@ def _write_documents(batches: Iterator[list[str]], tokenizer, directory: Path, v
     writers = {train_name: pa.ipc.new_stream(str(directory / f"{train_name}.arrow"), schema)}
     if validation_split > 0:
         writers["validation"] = pa.ipc.new_stream(str(directory / "validation.arrow"), schema)
-    seen = 0
     try:
-        for texts in batches:
-            if max_samples is not None:
-                texts = texts[: max_samples - seen]
-                if not texts:
-                    break
-            seen += len(texts)
-            encodings = encode(texts, add_special_tokens=False)
-            lengths = np.fromiter((len(e.ids) + 1 for e in encodings), dtype=np.int64, count=len(encodings))
-            values = np.fromiter(chain.from_iterable(chain(e.ids, (sep,)) for e in encodings), dtype=np.int32,
-                                 count=int(lengths.sum()))
+        for texts, encodings in _encode_ahead(_first_samples(batches, max_samples), encode):
+            ids = [e.ids for e in encodings]
+            lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + 1  # + the separator
+            ends = np.cumsum(lengths)
+            values = np.full(int(ends[-1]), sep, dtype=np.int32)
+            not_sep = np.ones(len(values), dtype=bool)
+            not_sep[ends - 1] = False
+            values[not_sep] = np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=len(values) - len(ids))
             held_out = rng.random(len(texts)) < validation_split if validation_split > 0 else None
             for name, keep in ((train_name, None if held_out is None else ~held_out), ("validation", held_out)):
                 if name not in writers or keep is not None and not keep.any():
@@ -201,6 +221,34 @@ def _write_documents(batches: Iterator[list[str]], tokenizer, directory: Path, v
     if counts["documents"] == 0:
         raise LlmkitError("the data holds no text: check --data (and --text-column)")
     return counts
+
+
+def _first_samples(batches: Iterator[list[str]], max_samples: int | None) -> Iterator[list[str]]:
+    seen = 0
+    for texts in batches:
+        if max_samples is not None:
+            texts = texts[: max_samples - seen]
+            if not texts:
+                return
+        if texts:
+            seen += len(texts)
+            yield texts
+
+
+def _encode_ahead(batches: Iterator[list[str]], encode) -> Iterator[tuple[list[str], list]]:
+    """(texts, encodings) per batch. Each batch is encoded in a thread (the Rust encoder releases the GIL) while
+    the caller packs and writes the batch before and reads the one after, so Python's share hides behind encoding."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="llmkit-encode") as pool:
+        pending = None
+        for texts in batches:
+            future = pool.submit(encode, texts, add_special_tokens=False)
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = (texts, future)
+        if pending is not None:
+            yield pending[0], pending[1].result()
 
 
 class TokenStream:
@@ -371,8 +419,18 @@ def prepare_classification(data: list[str], tokenizer, labels: LabelSpace | None
         label_ids = _map_labels(raw_labels, labels, label_separator, where) if raw_labels is not None else None
         texts = [t if isinstance(t, str) else "" for t in table[text_col]]
         pairs = [t if isinstance(t, str) else "" for t in table[pair_col]] if pair_col else None
-        encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length, padding=False,
-                            return_attention_mask=False, return_token_type_ids=pair_col is not None)
+        from llmkit import display
+
+        encoded: dict[str, list] = {"input_ids": [], "token_type_ids": []}
+        # In parts of 2,048 texts (each part still a parallel batch for the fast tokenizer), to show progress.
+        with display.StepProgress("tokenize", len(texts), unit="examples") as shown:
+            for begin in range(0, len(texts), 2048):
+                part = tokenizer(texts[begin:begin + 2048], pairs[begin:begin + 2048] if pairs else None,
+                                 truncation=True, max_length=max_length, padding=False,
+                                 return_attention_mask=False, return_token_type_ids=pair_col is not None)
+                for name in encoded:
+                    encoded[name].extend(part.get(name, ()))
+                shown.update(min(begin + 2048, len(texts)))
         columns: dict[str, Any] = {"input_ids": encoded["input_ids"]}
         if pair_col:
             columns["token_type_ids"] = encoded["token_type_ids"]

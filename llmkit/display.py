@@ -21,7 +21,7 @@ def configure(quiet: bool = False, verbose: bool = False) -> None:
 
 def info(message: str) -> None:
     if not _state["quiet"]:
-        err.print(message)
+        err.print(message, soft_wrap=_plain())
 
 
 def error(message: str) -> None:
@@ -33,11 +33,16 @@ def error(message: str) -> None:
 
 def detail(message: str) -> None:
     if _state["verbose"] and not _state["quiet"]:
-        err.print(f"[dim]{message}[/dim]")
+        err.print(f"[dim]{message}[/dim]", soft_wrap=_plain())
 
 
 def live() -> bool:
     return err.is_terminal and not _state["quiet"]
+
+
+def _plain() -> bool:
+    """Writing to a log file or a pipe: one message, one line (rich would cut lines at 80 columns there)."""
+    return not err.is_terminal
 
 
 def fmt(value: Any) -> str:
@@ -55,27 +60,53 @@ def duration(seconds: float) -> str:
 
 
 class StepProgress:
-    """Progress of a job counted in steps (training steps, batches, documents), with live figures."""
+    """Progress of a job counted in steps (training steps, batches, documents), with live figures.
 
-    def __init__(self, description: str, total: int | None, unit: str = "step", enabled: bool = True):
+    On a terminal it is a rich progress bar; a StepProgress started while another one is shown (an evaluation
+    pass inside training) becomes a transient line of that display, removed when it ends. Elsewhere (a log file,
+    a pipe, CI) it prints nothing but the plain lines asked for with update(log=True)."""
+
+    def __init__(self, description: str, total: int | None, unit: str = "step", enabled: bool = True,
+                 context: str | None = None):
         self.description = description
         self.total = total
         self.unit = unit
         self.enabled = enabled and not _state["quiet"]
+        self.context = context  # e.g. "cpu fp32": shown after the description unless inside another display
         self.start = time.perf_counter()
         self.figures: dict[str, Any] = {}
         self._progress = None
+        self._nested = False
+        self._last_figures = float("-inf")
+
+    def due(self, interval: float = 0.5, final: bool = False) -> bool:
+        """Whether live figures are due: shown, and `interval` seconds since the last time (or `final`). Lets a
+        loop compute costly figures (a device sync) a few times a second rather than at every step."""
+        if self._progress is None:
+            return False
+        now = time.perf_counter()
+        if final or now - self._last_figures >= interval:
+            self._last_figures = now
+            return True
+        return False
 
     def __enter__(self) -> "StepProgress":
         if self.enabled and live():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-                TimeRemainingColumn
+            description = self.description
+            if _shown:
+                self._progress, self._nested = _shown[-1]._progress, True
+            else:
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+                    TimeRemainingColumn
 
-            self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                      TextColumn("{task.fields[figures]}"), TimeElapsedColumn(), TextColumn("eta"),
-                                      TimeRemainingColumn(), console=err, transient=False)
-            self._progress.start()
-            self._task = self._progress.add_task(self.description, total=self.total, figures="")
+                self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                          TextColumn("{task.fields[figures]}"), TimeElapsedColumn(),
+                                          TextColumn("eta"), TimeRemainingColumn(), console=err, transient=False)
+                self._progress.start()
+                if self.context:
+                    description = f"{description} [dim]({self.context})[/dim]"
+            self._task = self._progress.add_task(description, total=self.total, figures="")
+            _shown.append(self)
         return self
 
     def update(self, done: int, log: bool = False, **figures: Any) -> None:
@@ -90,11 +121,22 @@ class StepProgress:
             if self.total and done:
                 eta = f"  eta {duration(elapsed / done * (self.total - done))}"
             total = f"/{self.total}" if self.total else ""
-            err.print(f"{self.description} {self.unit} {done}{total}  {text}{eta}")
+            err.print(f"{self.description} {self.unit} {done}{total}  {text}{eta}", soft_wrap=_plain())
 
     def __exit__(self, *exc: Any) -> None:
-        if self._progress is not None:
+        if self._progress is None:
+            return
+        _shown.remove(self)
+        if self._nested:  # transient inside the outer display: show where it ended, then take the line away
+            self._progress.refresh()
+            self._progress.remove_task(self._task)
+            self._progress.refresh()
+        else:
             self._progress.stop()
+        self._progress = None
+
+
+_shown: list[StepProgress] = []  # the jobs on the terminal now, outermost first
 
 
 def table(title: str, rows: dict[str, Any]) -> None:

@@ -8,11 +8,13 @@ masks every block with a generator seeded by (seed, block index): the same seed 
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import numpy as np
 import torch
 
+from llmkit import display
 from llmkit.data import shard
 from llmkit.tasks import Masking, batch_loss
 
@@ -35,26 +37,43 @@ def evaluate_model(objective: str, model, data, accelerator, *, batch_size: int 
     rank, world = accelerator.process_index, accelerator.num_processes
     device = accelerator.device
     indices = shard(len(data), rank, world)
-    if max_batches is not None:
-        indices = indices[: max_batches * batch_size]
+    if max_batches is not None and max_batches * batch_size * world < len(data):
+        # a sample spread over the whole set (the same at every evaluation, so that they compare), not its head:
+        # data ordered by source or label would otherwise be scored on one kind of example only
+        sample = np.sort(np.random.default_rng(seed).choice(len(data), max_batches * batch_size * world,
+                                                            replace=False))
+        indices = sample[shard(len(sample), rank, world)]
     lengths = data.lengths()
     if lengths is not None:  # longest first: less padding, and memory trouble shows at once
         indices = indices[np.argsort(-lengths[indices], kind="stable")]
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     item_count = torch.zeros((), dtype=torch.float64, device=device)
     outputs: list[tuple[int, list[float]]] = []
-    for start in range(0, len(indices), batch_size):
-        idx = indices[start:start + batch_size]
-        batch = data.batch(idx)
-        if objective == "mlm":
-            batch["masked_ids"], batch["mlm_labels"] = masking.rows(batch["input_ids"], idx, seed + EVAL_SEED_OFFSET)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with accelerator.autocast():
-            loss, items, logits = batch_loss(objective, model, batch, multi_label=multi_label)
-        loss_sum += loss.double()
-        item_count += items.double().to(device)
-        if logits is not None:
-            outputs.extend(zip(idx.tolist(), logits.float().cpu().tolist()))
+    n_batches = -(-len(indices) // batch_size)
+    precision = {"no": "fp32"}.get(str(accelerator.mixed_precision), str(accelerator.mixed_precision))
+    language_model = objective in ("clm", "mlm")
+    seen = 0  # examples, or tokens for a language model, scored so far by this process
+    with display.StepProgress("evaluate", n_batches, unit="batch", context=f"{device.type} {precision}") as shown:
+        for number, start in enumerate(range(0, len(indices), batch_size), 1):
+            idx = indices[start:start + batch_size]
+            batch = data.batch(idx)
+            if objective == "mlm":
+                batch["masked_ids"], batch["mlm_labels"] = masking.rows(batch["input_ids"], idx,
+                                                                        seed + EVAL_SEED_OFFSET)
+            seen += batch["input_ids"].numel() if language_model else len(idx)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with accelerator.autocast():
+                loss, items, logits = batch_loss(objective, model, batch, multi_label=multi_label)
+            loss_sum += loss.double()
+            item_count += items.double().to(device)
+            if logits is not None:
+                outputs.extend(zip(idx.tolist(), logits.float().cpu().tolist()))
+            figures = {}
+            if shown.due(final=number == n_batches):  # a few times a second: the loss waits for the device
+                seconds = max(time.perf_counter() - shown.start, 1e-9)
+                figures = {"loss": loss_sum.item() / max(item_count.item(), 1),
+                           "tok/s" if language_model else "samples/s": seen / seconds}
+            shown.update(number, **figures)
     if world > 1:
         loss_sum = accelerator.reduce(loss_sum, reduction="sum")
         item_count = accelerator.reduce(item_count, reduction="sum")

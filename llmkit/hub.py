@@ -44,3 +44,28 @@ def explain_load_error(name: str, what: str, error: BaseException) -> str:
         return (f"{what} {name!r} is not a local directory, and the Hub is off (HF_HUB_OFFLINE is set): pass a "
                 "local directory, or unset HF_HUB_OFFLINE to download it")
     return f"could not load the {what} {name!r} (not a local directory, nor a Hub id that could be fetched: {text})"
+
+
+def safetensors_only(name: str) -> dict[str, Any]:
+    """from_pretrained arguments that read a local model directory's weights from safetensors files only; a
+    directory whose weights are only a pickle (pytorch_model.bin) is refused, with how to convert it. A Hub id
+    is left to transformers, which prefers safetensors and reads a .bin only with torch.load(weights_only=True)."""
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        return {}
+    if not any(path.glob("*.safetensors")):
+        pickled = sorted(p.name for p in path.glob("pytorch_model*.bin"))  # one file or shards
+        if pickled:
+            import json
+
+            try:
+                architecture = (json.loads((path / "config.json").read_text()).get("architectures") or [None])[0]
+            except (OSError, ValueError, AttributeError):
+                architecture = None
+            cls = architecture if isinstance(architecture, str) and architecture.isidentifier() else "AutoModel"
+            raise LlmkitError(
+                f"{name} holds its weights only as {pickled[0]}, a pickle that can run code when loaded: llmkit "
+                "reads model weights only from safetensors; if you trust its source, convert it once with "
+                f"`python -c \"from transformers import {cls} as M; M.from_pretrained('{name}')"
+                f".save_pretrained('{name}')\"` (writes model.safetensors)")
+    return {"use_safetensors": True}

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from llmkit.errors import LlmkitError, UsageError
-from llmkit.hub import from_pretrained_or_explain
+from llmkit.hub import from_pretrained_or_explain, safetensors_only
 
 # Size presets: (layers, hidden, heads, block size). `tiny` trains in seconds on a CPU; the larger ones match
 # well-known models so that published numbers are a reference.
@@ -95,7 +95,9 @@ def _fresh_config(architecture: str, tokenizer, vocab: int, positions: int, size
 
 
 def pretrained_model(objective: str, name: str, trust_remote_code: bool = False, **kwargs):
+    """A saved model; the weights of a local directory are read from safetensors only (see hub.safetensors_only)."""
     check_model_dir(name)
+    kwargs.update(safetensors_only(name))
     load = model_class(objective).from_pretrained
     try:
         return from_pretrained_or_explain(load, name, "model", trust_remote_code=trust_remote_code,
@@ -175,10 +177,14 @@ def check_fit(model, tokenizer, block_size: int | None = None) -> None:
     if len(tokenizer) > vocab:
         raise LlmkitError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only {vocab}: use "
                           "the model's own tokenizer, or a tokenizer with at most that many tokens")
-    positions = max_positions(model)
-    if block_size is not None and positions is not None and block_size > positions:
-        raise UsageError(f"--block-size {block_size} is larger than the model's {positions} positions: use "
-                         f"--block-size {positions} or less")
+    check_length(block_size, max_positions(model))
+
+
+def check_length(length: int | None, positions: int | None, flag: str = "--block-size") -> None:
+    """Sequences of `length` tokens (the value of `flag`) must fit the model's `positions`."""
+    if length is not None and positions is not None and length > positions:
+        raise UsageError(f"{flag} {length} is larger than the model's {positions} positions: use "
+                         f"{flag} {positions} or less")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -370,11 +376,22 @@ def _masked_logits(model, input_ids: torch.Tensor, selected: torch.Tensor) -> to
 
 
 
+def _dropout_keep(x: torch.Tensor, p: float) -> torch.Tensor:
+    """A boolean mask of x's shape, True with probability 1 - p (to 1/65,536): one 64-bit draw of the global torch
+    generator gives three 16-bit uniforms, where bernoulli_ draws once per element (~8x dearer on a CPU)."""
+    n = x.numel()
+    draws = torch.empty((n + 2) // 3, dtype=torch.int64, device=x.device).random_()
+    # random_() draws int64 values in [0, 2^63): the top 16-bit lane always has a zero sign bit, so only the three
+    # low lanes are uniform
+    lanes = draws.view(torch.int16).view(-1, 4)
+    lanes = lanes[:, :3] if sys.byteorder == "little" else lanes[:, 1:]
+    return lanes.reshape(-1)[:n].view(x.shape) >= round(p * 65536) - 32768
+
+
 class FastDropout(torch.nn.Module):
-    """Dropout as nn.Dropout computes it (zero each element with probability p, scale the rest by 1/(1-p)), with a
-    cheaper random source: one 64-bit draw gives three 16-bit uniforms, where nn.Dropout's bernoulli_ draws once
-    per element. On a CPU this makes dropout ~8x cheaper; p is kept to 1/65,536. It reads the global torch
-    generator, so seeded and resumed runs stay exact."""
+    """Dropout as nn.Dropout computes it (zero each element with probability p, scale the rest by 1/(1-p)), with
+    the cheaper random source of _dropout_keep. It reads the global torch generator, so seeded and resumed runs
+    stay exact."""
 
     def __init__(self, p: float):
         super().__init__()
@@ -385,17 +402,63 @@ class FastDropout(torch.nn.Module):
             return x
         if self.p >= 1:
             return x * 0
-        n = x.numel()
-        draws = torch.empty((n + 2) // 3, dtype=torch.int64, device=x.device).random_()
-        # random_() draws int64 values in [0, 2^63): the top 16-bit lane always has a zero sign bit, so only
-        # the three low lanes are uniform
-        lanes = draws.view(torch.int16).view(-1, 4)
-        lanes = lanes[:, :3] if sys.byteorder == "little" else lanes[:, 1:]
-        keep = lanes.reshape(-1)[:n].view(x.shape) >= round(self.p * 65536) - 32768
-        return x * (keep.to(x.dtype) * (1 / (1 - self.p)))
+        return x * (_dropout_keep(x, self.p).to(x.dtype) * (1 / (1 - self.p)))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+FAST_ATTENTION = "llmkit_cpu"
+
+
+def _attention_with_fast_dropout(module, query, key, value, attention_mask, dropout: float = 0.0,
+                                 scaling: float | None = None, is_causal: bool | None = None, **kwargs):
+    """transformers' attention interface, for training on a CPU with attention dropout. There PyTorch's SDPA
+    cannot use its fused kernel (it takes no dropout) and falls back to a math path that upcasts to fp32 and draws
+    dropout with bernoulli_. This computes the same attention - softmax(q k^T * scale + mask), dropout on the
+    probabilities, times v - in the input precision with a float32 softmax and _dropout_keep's random source.
+    Anything else (no dropout, another device, extra features) goes to SDPA unchanged."""
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    if not dropout or query.device.type != "cpu" or kwargs.get("position_bias") is not None \
+            or kwargs.get("softcap") is not None or kwargs.get("sliding_window") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(query * scaling, key.transpose(-1, -2))
+    q_len, kv_len = scores.shape[-2:]
+    lowest = torch.finfo(scores.dtype).min
+    if attention_mask is None:
+        if (getattr(module, "is_causal", True) if is_causal is None else is_causal) and q_len > 1:
+            future = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).triu(kv_len - q_len + 1)
+            scores = scores.masked_fill(future, lowest)
+    elif attention_mask.dtype == torch.bool:  # True: may attend (SDPA's convention)
+        scores = scores.masked_fill(~attention_mask[..., :kv_len], lowest)
+    else:  # additive
+        scores = scores + attention_mask[..., :kv_len].to(scores.dtype)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    probs = probs * _dropout_keep(probs, dropout).to(probs.dtype)
+    out = torch.matmul(probs, value) * (1 / (1 - dropout))  # the dropout scale, on the smaller tensor
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_fast_attention(model: torch.nn.Module) -> bool:
+    """Route the attention of a model that uses SDPA through _attention_with_fast_dropout (CPU training only; the
+    saved config keeps "sdpa"). Returns whether it did."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    if FAST_ATTENTION not in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(FAST_ATTENTION, _attention_with_fast_dropout)
+        AttentionMaskInterface.register(FAST_ATTENTION, sdpa_mask)
+    config._attn_implementation = FAST_ATTENTION
+    return True
 
 
 def use_fast_dropout(model: torch.nn.Module) -> int:

@@ -224,9 +224,10 @@ def fit(job: TrainJob) -> dict[str, Any]:
         enable()
     base_model.to(accelerator.device)
     if accelerator.device.type == "cpu":
-        from llmkit.tasks import use_fast_dropout
+        from llmkit.tasks import use_fast_attention, use_fast_dropout
 
         use_fast_dropout(base_model)
+        use_fast_attention(base_model)
     optimizer = make_optimizer(base_model, plan.learning_rate, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(plan.warmup, plan.steps, cfg.lr_schedule, cfg.min_lr_ratio))
@@ -244,7 +245,7 @@ def fit(job: TrainJob) -> dict[str, Any]:
     state = {"best": None, "best_step": None, "bad_evals": 0, "tokens": 0, "train_loss": float("nan"), "eval": {}}
     resume_from = None
     if cfg.resume:
-        resume_from = ckpt.find_resume_checkpoint(cfg.resume, run.path)
+        resume_from = ckpt.find_resume_checkpoint(cfg.resume, run.path, earlier_run=run.read_record() is not None)
         loaded = ckpt.load_training_state(resume_from, base_model, optimizer, scheduler, rank, signature,
                                           scaler=accelerator.scaler)
         if loaded["processes"] != world or loaded["global_batch"] != plan.global_batch:
@@ -414,6 +415,7 @@ def _loop(job, plan, accelerator, model, base_model, optimizer, scheduler, sampl
                 items_total.zero_()
                 window_start, window_step, window_tokens = time.perf_counter(), step, 0
 
+            paused = time.perf_counter()  # evaluations and saves stay out of the training throughput
             if job.eval_data is not None and (step % plan.eval_every == 0 or last):
                 _check_finite(accelerator, run, first_bad, step, model=base_model)  # before a best/ export
                 eval_metrics = evaluate_model(job.objective, model, job.eval_data, accelerator,
@@ -445,6 +447,7 @@ def _loop(job, plan, accelerator, model, base_model, optimizer, scheduler, sampl
                 _check_finite(accelerator, run, first_bad, step, model=base_model)  # --resume auto trusts a save
                 _save_checkpoint(accelerator, run, base_model, optimizer, scheduler, step, plan, state, signature,
                                  cfg.keep_checkpoints)
+            window_start += time.perf_counter() - paused
             if stopping and not last:
                 raise Interrupted(f"stopped by {stopping} at step {step}; checkpoint saved: continue with the "
                                   f"same command and --resume auto")

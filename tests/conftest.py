@@ -119,29 +119,107 @@ def read_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def kill_and_resume(command: list[str], output: Path, env: dict, attempts: int = 8) -> int:
-    """Run `command --output OUTPUT`, SIGKILL it each time it has written two new checkpoints (a little later each
-    time, to land mid-step or mid-save), and rerun it with --resume auto until it finishes. Returns the kills."""
+# The kills of kill_and_resume are drawn from random.Random(KILL_SEED): the seed is in every failure message, and
+# LLMKIT_KILL_SEED=N reruns with the draws of another seed (or of the seed a failure named).
+KILL_SEED = int(os.environ.get("LLMKIT_KILL_SEED", "20251126"))
+
+
+class Kills(int):
+    """How many times kill_and_resume killed the run (an int), with the seed of its draws and where each kill
+    landed, which its repr shows: `assert kills >= 2` then names the seed when it fails."""
+
+    def __new__(cls, moments: list[str], seed: int):
+        kills = super().__new__(cls, len(moments))
+        kills.moments, kills.seed = moments, seed
+        return kills
+
+    @property
+    def during_save(self) -> int:
+        return sum(m.startswith("mid-save") for m in self.moments)
+
+    def __repr__(self) -> str:
+        return f"{int(self)} kills (seed {self.seed}: {'; '.join(self.moments) or 'none'})"
+
+
+def kill_and_resume(command: list[str], output: Path, env: dict, kills: int = 4, seed: int = KILL_SEED) -> Kills:
+    """Run `command --output OUTPUT`, SIGKILL it at a random moment, rerun it with --resume auto, and so on `kills`
+    times; then let it finish. Each kill comes after the run has saved a new checkpoint (so that there is one to
+    resume from, and each rerun gets further), at a moment drawn from random.Random(seed):
+
+    - `save`: during a checkpoint write - a `.tmp-` directory exists (the directories are polled every
+      millisecond) - a random fraction into the time an earlier write of the same run took;
+    - `step`: after two new checkpoints, a random fraction of the time between them later: mid-step, or mid-save
+      by chance.
+
+    At least one of the first two kills is a `save` kill, and a `save` kill that missed its write (the write had
+    finished: the run is fast) makes the next kill a `save` kill at the start of a write. The seed fixes the kinds
+    and fractions; the wall-clock moments vary with the machine. Returns the kills, with where each landed."""
+    import random
     import signal
     import subprocess
     import time
 
-    kills = 0
-    for _ in range(attempts):
-        resume = ["--resume", "auto"] if (output / "checkpoints").is_dir() else []
+    from llmkit import checkpoint as ckpt
+
+    rng = random.Random(seed)
+    plan = [(rng.choice(("save", "step")), rng.random()) for _ in range(kills)]
+    if kills and all(kind == "step" for kind, _ in plan[:2]):
+        plan[rng.randrange(min(2, kills))] = ("save", rng.random())
+    print(f"kill_and_resume: seed {seed}, kills {plan}")
+    checkpoints = output / "checkpoints"
+    moments: list[str] = []
+
+    def writing() -> set[str]:
+        names = set()
+        for directory in (output, checkpoints):
+            try:
+                names.update(n for n in os.listdir(directory) if n.startswith(".tmp-"))
+            except FileNotFoundError:
+                pass
+        return names
+
+    missed = False
+    for number in range(kills + 1):
+        kind, fraction = ("finish", 0.0) if number == kills else ("save", 0.0) if missed else plan[number]
+        resume = ["--resume", "auto"] if number else []
+        before = {p.name for p in checkpoints.glob("step-*")}
         proc = subprocess.Popen([*command, "--output", str(output), *resume], env=env)
         deadline = time.time() + 120
-        before = {p.name for p in (output / "checkpoints").glob("step-*")} if resume else set()
-        while proc.poll() is None and time.time() < deadline:
-            now = {p.name for p in (output / "checkpoints").glob("step-*")}
-            if len(now - before) >= 2:
-                time.sleep(0.05 * kills)  # land at different moments: mid-step, mid-save
+        new: dict[str, float] = {}  # checkpoint -> when it was first seen
+        writes: dict[str, list[float]] = {}  # .tmp- directory -> [first seen, last seen], of this run's writes
+        current: set[str] = set()
+        while kind != "finish" and proc.poll() is None and time.time() < deadline:
+            now = time.time()
+            for name in {p.name for p in checkpoints.glob("step-*")} - before:
+                new.setdefault(name, now)
+            current, previous = writing(), current
+            for name in current:
+                writes[name] = [writes[name][0] if name in previous else now, now]  # .tmp-best is written again
+            if kind == "save" and new and current:
+                took = [last - first for name, (first, last) in writes.items() if name not in current]
+                time.sleep(fraction * 0.8 * min(took, default=0.0))  # into the write, not past its end
                 proc.send_signal(signal.SIGKILL)
-                kills += 1
                 break
-            time.sleep(0.01)
-        proc.wait()
+            if kind == "step" and len(new) >= 2:
+                first, second = sorted(new.values())[:2]
+                time.sleep(fraction * (second - first))
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.001 if kind == "save" else 0.01)
+        proc.wait(timeout=300)
         if proc.returncode == 0:
             break
-        assert proc.returncode == -signal.SIGKILL
-    return kills
+        assert proc.returncode == -signal.SIGKILL, f"the run failed (status {proc.returncode}; kill seed {seed})"
+        left = sorted(writing())  # a write the kill cut short
+        missed = kind == "save" and not left and not any(m.startswith("mid-save") for m in moments)
+        # what --resume auto takes next: the newest checkpoint whose manifest checks out, never one cut short
+        resumable = ckpt.find_resume_checkpoint("auto", output).name
+        moments.append(f"{'mid-save (' + ', '.join(left) + ')' if left else kind + ' kill, not mid-save'}, "
+                       f"{len(new)} new checkpoints, resumes from {resumable}")
+        print(f"kill_and_resume: kill {len(moments)}: {moments[-1]}")
+    assert proc.returncode == 0, f"the run did not finish after {Kills(moments, seed)!r}"
+    leftovers = [p.name for p in (*output.glob(".tmp-*"), *output.glob(".old-*"), *checkpoints.glob(".*"))]
+    assert not leftovers, f"{leftovers} left behind ({Kills(moments, seed)!r})"
+    broken = [c.name for c in ckpt.checkpoint_dirs(output) if not ckpt.verify(c)]
+    assert not broken, f"unverifiable checkpoints {broken} ({Kills(moments, seed)!r})"
+    return Kills(moments, seed)

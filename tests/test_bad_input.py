@@ -68,6 +68,14 @@ CASES = [
     # sizes and rates
     case("block-size-over-positions", "evaluate --model {clm} --eval-data {shakespeare} --block-size 4096", 2,
          "larger than the model's 128 positions"),
+    case("block-size-over-positions-pretrain", "pretrain --model {clm} --data {shakespeare} --block-size 4096 "
+         "--output {out}", 2, "--block-size 4096 is larger than the model's 128 positions: use --block-size 128"),
+    case("max-length-over-positions-finetune", FINETUNE + " --data {sst2_train} --max-length 4096", 2,
+         "--max-length 4096 is larger than the model's 128 positions: use --max-length 128"),
+    case("max-length-over-positions-classify", "classify hello --model {cls} --max-length 4096", 2,
+         "--max-length 4096 is larger than the model's 128 positions: use --max-length 128"),
+    case("max-length-over-positions-evaluate", "evaluate --model {cls} --eval-data {sst2_test} --max-length 4096", 2,
+         "--max-length 4096 is larger than the model's 128 positions: use --max-length 128"),
     case("tokenizer-bigger-than-model", "pretrain --model {clm} --tokenizer {minilm} --data {shakespeare} "
          "--output {out}", 1, "the tokenizer has 30522 tokens but the model's embedding only 1000"),
     case("zero-steps", "pretrain " + TRAIN + " --max-steps 0", 2, "--max-steps must be greater than 0"),
@@ -80,6 +88,10 @@ CASES = [
     case("recipe-yaml-syntax", "pretrain " + TRAIN + " --recipe {bad}/syntax.yaml", 2, "is not valid YAML at line 3"),
     case("recipe-unknown-and-mistyped-keys", "pretrain " + TRAIN + " --recipe {bad}/keys.yaml", 2,
          "unknown key `max_stpes` in recipe"),
+    case("recipe-mistyped-float", "pretrain " + TRAIN + " --recipe {bad}/mistyped-rate.yaml", 2,
+         "`learning_rate` must be a number, not 'fast' in recipe {bad}/mistyped-rate.yaml"),
+    case("recipe-mistyped-int", FINETUNE + " --data {sst2_train} --recipe {bad}/mistyped-steps.yaml", 2,
+         "`max_steps` must be a whole number, not 'ten' in recipe {bad}/mistyped-steps.yaml"),
     case("recipe-not-a-mapping", "pretrain " + TRAIN + " --recipe {bad}/list.yaml", 2, "must be a mapping"),
     case("recipe-missing", "pretrain " + TRAIN + " --recipe {tmp}/missing.yaml", 2, "missing.yaml does not exist"),
     case("unknown-flag", "pretrain " + TRAIN + " --max-stpes 3", 2, "No such option: --max-stpes"),
@@ -91,6 +103,13 @@ CASES = [
     # models
     case("corrupt-weights-evaluate", "evaluate --model {broken} --eval-data {shakespeare}", 1,
          "weights in {broken} are corrupt or truncated"),
+    case("corrupt-weights-finetune", "finetune --model {broken} --data {sst2_train} --output {out}", 1,
+         "weights in {broken} are corrupt or truncated"),
+    case("corrupt-weights-classify", "classify hello --model {broken_cls}", 1,
+         "weights in {broken_cls} are corrupt or truncated"),
+    case("pickled-weights-only", "finetune --model {bin_only} --data {sst2_train} --output {out}", 1,
+         "holds its weights only as pytorch_model.bin, a pickle that can run code when loaded: llmkit reads model "
+         "weights only from safetensors; if you trust its source, convert it once"),
     case("model-without-tokenizer", "evaluate --model {no_tokenizer} --eval-data {shakespeare}", 1,
          "holds no tokenizer"),
     case("model-is-a-file", "finetune --model {clm}/model.safetensors --data {sst2_train} --output {out}", 1,
@@ -150,6 +169,8 @@ def bad_files(tmp_path_factory) -> Path:
     (d / "syntax.yaml").write_text("max_steps: 10\nlearning_rate: [1e-3\n")
     (d / "keys.yaml").write_text("max_stpes: 10\nlearning_rate: fast\n")
     (d / "list.yaml").write_text("- max_steps: 10\n")
+    (d / "mistyped-rate.yaml").write_text("learning_rate: fast\n")  # known keys, values of the wrong type
+    (d / "mistyped-steps.yaml").write_text("max_steps: ten\n")
     (d / "a-file").write_text("an existing file, not a directory\n")
     return d
 
@@ -170,17 +191,25 @@ def classifier(mlm_run, sst2, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def paths(bad_files, classifier, shakespeare, sst2, minilm, tokenizer_dir, clm_run, mlm_run, tmp_path_factory) -> dict:
     models = tmp_path_factory.mktemp("broken-models")
-    broken = models / "truncated-weights"
-    shutil.copytree(clm_run[0], broken, ignore=shutil.ignore_patterns("checkpoints", "best"))
-    with open(broken / "model.safetensors", "r+b") as f:
-        f.truncate(f.seek(0, os.SEEK_END) // 2)
+    broken, broken_cls = models / "truncated-weights", models / "truncated-classifier"
+    for model, copy in ((clm_run[0], broken), (classifier, broken_cls)):
+        shutil.copytree(model, copy, ignore=shutil.ignore_patterns("checkpoints", "best"))
+        with open(copy / "model.safetensors", "r+b") as f:
+            f.truncate(f.seek(0, os.SEEK_END) // 2)
+    import torch
+    from safetensors.torch import load_file
+
+    bin_only = models / "pickled-weights"  # the masked LM with its weights as a pickle (pytorch_model.bin) only
+    shutil.copytree(mlm_run[0], bin_only, ignore=shutil.ignore_patterns("checkpoints", "best", "*.safetensors"))
+    torch.save(load_file(mlm_run[0] / "model.safetensors"), bin_only / "pytorch_model.bin")
     no_tokenizer = models / "no-tokenizer"
     shutil.copytree(clm_run[0], no_tokenizer, ignore=shutil.ignore_patterns("checkpoints", "best", "tokenizer*"))
     checkpoints = sorted((clm_run[0] / "checkpoints").glob("step-*"))
     return {"bad": bad_files, "cls": classifier, "shakespeare": shakespeare, "sst2_train": sst2["train"],
             "sst2_test": sst2["test"], "minilm": minilm, "tok": tokenizer_dir, "clm": clm_run[0],
             "mlm": mlm_run[0], "clm_checkpoint": checkpoints[-1], "broken": broken,
-            "no_tokenizer": no_tokenizer, "a_file": bad_files / "a-file"}
+            "broken_cls": broken_cls, "bin_only": bin_only, "no_tokenizer": no_tokenizer,
+            "a_file": bad_files / "a-file"}
 
 
 def _fill(text: str, values: dict) -> str:

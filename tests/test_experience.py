@@ -1,8 +1,11 @@
-"""What a user sees around a run: help examples, the dry-run plan, JSON and quiet output, curves, model cards,
-TensorBoard logs, tokenizer round trips, and the loop's batch and schedule arithmetic."""
+"""What a user sees around a run: help examples, the dry-run plan, JSON and quiet output, the live progress of
+tokenizing, training and evaluating, curves, model cards, TensorBoard logs, tokenizer round trips, and the loop's
+batch and schedule arithmetic."""
 
+import io
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -80,6 +83,107 @@ def test_json_and_quiet_final_result(tokenizer_dir, tmp_path):
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stderr == "" and len(r.stdout.strip().splitlines()) == 1 and "train_loss" in r.stdout
+
+
+def _console(monkeypatch, terminal: bool) -> io.StringIO:
+    """llmkit's stderr console writing into a buffer that rich takes for a terminal or for a log file."""
+    from rich.console import Console
+
+    from llmkit import display
+
+    buffer = io.StringIO()
+    width = 200 if terminal else None  # a log file: rich's default of 80 columns
+    monkeypatch.setattr(display, "err", Console(file=buffer, force_terminal=terminal, width=width, color_system=None,
+                                                highlight=False))
+    monkeypatch.setattr(display, "_state", {"quiet": False, "verbose": False})  # restored after the test
+    return buffer
+
+
+@pytest.fixture
+def terminal(monkeypatch) -> io.StringIO:
+    return _console(monkeypatch, terminal=True)
+
+
+@pytest.fixture
+def log_file(monkeypatch) -> io.StringIO:
+    return _console(monkeypatch, terminal=False)
+
+
+def _screen_lines(raw: str) -> list[str]:
+    """Every line the live display drew, without cursor moves (each refresh redraws the lines)."""
+    return [line.strip() for line in re.split(r"[\r\n]", re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "\n", raw))
+            if line.strip()]
+
+
+def _drew(lines: list[str], pattern: str) -> bool:
+    return any(re.search(pattern, line) for line in lines)
+
+
+def _evaluate_config(model, data, tmp_path, **flags):
+    from llmkit.config import EvaluateConfig, build_config
+
+    settings = dict(model=str(model), eval_data=[str(data)], batch_size=8, precision="fp32", max_samples=300,
+                    cache_dir=str(tmp_path / "cache"))
+    settings.update(flags)
+    return build_config(EvaluateConfig, flags=settings)
+
+
+def test_training_shows_tokenizing_and_each_evaluation_as_a_passing_line(shakespeare, tokenizer_dir, tmp_path,
+                                                                       terminal):
+    cache = tmp_path / "cache"
+    tiny_pretrain("clm", shakespeare, tmp_path / "run", tokenizer_dir, max_steps=4, log_every=2, eval_every=2,
+                  eval_batches=2, quiet=False, cache_dir=str(cache))
+    raw = terminal.getvalue()
+    lines = _screen_lines(raw)
+    info = json.loads(next(cache.glob("lm-*/llmkit_dataset.json")).read_text())
+    documents, tokens = info["documents"] + info["validation_documents"], info["tokens"] + info["validation_tokens"]
+    assert _drew(lines, rf"^tokenize .*\b{documents}/\? +tokens {tokens}\b"), lines
+    final_eval = math.ceil(info["validation_tokens"] // 64 / 16)  # all held-out blocks, 16 a batch
+    assert final_eval > 2
+    assert _drew(lines, r"^evaluate .* 2/2 +loss \S+ +tok/s ")  # step 2: --eval-batches 2
+    assert _drew(lines, rf"^evaluate .* {final_eval}/{final_eval} +loss ")  # the last step: all of them
+    assert _drew(lines, r"^train .* 4/4 +loss \S+ +lr \S+ +tok/s \S+ +eval_loss ")
+    last_frame = raw.rsplit("\x1b[2K", 1)[1]  # what stays on the screen: the evaluation lines are gone
+    assert "train" in last_frame and "4/4" in last_frame and "evaluate" not in last_frame
+    assert not _drew(lines, r"\(cpu|\(cuda")  # inside training the device is on the training's own line
+
+
+def test_evaluate_shows_its_batches_device_and_precision(clm_run, shakespeare, tmp_path, terminal):
+    from llmkit.api import evaluate
+
+    metrics = evaluate(_evaluate_config(clm_run[0], shakespeare, tmp_path))
+    lines = _screen_lines(terminal.getvalue())
+    batches = math.ceil(metrics["blocks"] / 8)
+    assert _drew(lines, rf"^evaluate \((cpu|cuda) fp32\) .* {batches}/{batches} +loss \S+ +tok/s "), lines
+    assert _drew(lines, r"^tokenize .* 300/\? +tokens ")  # --max-samples 300 documents, into the cache
+
+
+def test_finetune_data_shows_tokenizing_progress(sst2, tokenizer_dir, tmp_path, terminal):
+    from llmkit import data as pipeline
+    from llmkit.tokenizer import load_tokenizer
+
+    dataset, _ = pipeline.prepare_classification([str(sst2["train"])], load_tokenizer(str(tokenizer_dir)), None,
+                                                 text_column=None, text_pair_column=None, label_column=None,
+                                                 max_length=64, cache_dir=str(tmp_path / "cache"))
+    assert len(dataset) == 600
+    assert _drew(_screen_lines(terminal.getvalue()), r"^tokenize .* 600/600")
+
+
+def test_progress_is_silent_in_logs_and_when_quiet(clm_run, shakespeare, tokenizer_dir, tmp_path, monkeypatch):
+    from llmkit.api import evaluate
+
+    log = _console(monkeypatch, terminal=False)
+    evaluate(_evaluate_config(clm_run[0], shakespeare, tmp_path / "a"))
+    assert log.getvalue() == ""  # nothing but the result (printed by the CLI on stdout)
+    tiny_pretrain("clm", shakespeare, tmp_path / "run", tokenizer_dir, max_steps=4, log_every=2, eval_every=2,
+                  quiet=False, cache_dir=str(tmp_path / "b"))
+    lines = log.getvalue().splitlines()
+    assert "\x1b" not in log.getvalue() and any(line.startswith("train step 4/4") for line in lines), lines
+    assert any(line.startswith("clm ") and line.endswith(" fp32") for line in lines)  # one line, not cut at 80
+    assert not any(line.startswith(("tokenize", "evaluate")) for line in lines)  # plain step lines only
+    screen = _console(monkeypatch, terminal=True)
+    evaluate(_evaluate_config(clm_run[0], shakespeare, tmp_path / "c", quiet=True))
+    assert screen.getvalue() == ""
 
 
 def test_a_run_leaves_curves_and_a_model_card(clm_run):

@@ -295,3 +295,28 @@ def test_evaluate_clm_perplexity(clm_run, shakespeare):
                                                               precision="fp32")))
     assert scored["perplexity"] == pytest.approx(np.exp(scored["loss"]))
     assert scored["loss"] == pytest.approx(metrics["eval_loss"], rel=1e-6)  # the same held-out part as training
+
+
+def test_evaluation_with_a_batch_budget_scores_a_spread_of_the_data(minilm_sst2, sst2):
+    """--eval-batches picks the same examples at every evaluation, spread over the whole set: on data ordered by
+    label (all negatives first) a budget of two batches still sees both labels."""
+    import datasets
+    from accelerate import Accelerator
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from llmkit.data import LabeledExamples
+    from llmkit.evaluation import evaluate_model
+
+    out, _ = minilm_sst2
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    rows = [line.split("\t") for line in sst2["test"].read_text().splitlines()[1:]]
+    rows.sort(key=lambda r: int(r[1]))
+    data = datasets.Dataset.from_dict({"input_ids": tokenizer([r[0] for r in rows])["input_ids"],
+                                       "labels": [int(r[1]) for r in rows]})
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    examples = LabeledExamples(data, tokenizer.pad_token_id)
+    runs = [evaluate_model("classification", model, examples, Accelerator(cpu=True), batch_size=8, max_batches=2,
+                           return_predictions=True)["_predictions"][0] for _ in range(2)]
+    assert len(runs[0]) == 16 and sorted(runs[0]) == sorted(runs[1])
+    assert set(examples.labels_at(runs[0])) == {0, 1}
+    assert max(runs[0]) - min(runs[0]) > len(rows) // 2

@@ -176,3 +176,38 @@ def test_sigterm_writes_a_checkpoint_and_says_how_to_resume(shakespeare, tokeniz
     assert proc.returncode == 130
     assert "--resume auto" in err and "Traceback" not in err
     assert any(p.is_dir() for p in (out / "checkpoints").glob("step-*"))
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "llama", "bert", "roberta"])
+def test_cpu_attention_with_dropout_computes_what_sdpa_computes(architecture, tokenizer_dir, wordpiece_dir):
+    """use_fast_attention's path (CPU training with attention dropout) against SDPA: with a dropout too small to
+    drop anything the logits agree, padding masks included; with p = 0.5 about half the probabilities drop."""
+    from llmkit.tasks import _attention_with_fast_dropout, _dropout_keep, fresh_model, use_fast_attention
+
+    objective = "clm" if architecture in ("gpt2", "llama") else "mlm"
+    tokenizer = load_tokenizer(str(tokenizer_dir if objective == "clm" else wordpiece_dir))
+    torch.manual_seed(0)
+    model = fresh_model(objective, "tiny", tokenizer, block_size=32, dropout=1e-6, architecture=architecture)
+    input_ids = torch.randint(5, len(tokenizer), (3, 32))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 20:] = 0  # padding: the mask reaches the attention as a tensor
+    with torch.no_grad():
+        reference = model.eval()(input_ids=input_ids, attention_mask=attention_mask).logits
+        assert use_fast_attention(model)
+        fast = model.train()(input_ids=input_ids, attention_mask=attention_mask).logits
+        model.config._attn_implementation = "sdpa"
+    keep = attention_mask.bool()
+    torch.testing.assert_close(fast[keep], reference[keep], atol=1e-5, rtol=1e-4)
+
+    # the dropout itself: the same draws as a float64 reference
+    q, k, v = (torch.randn(2, 2, 16, 8, dtype=torch.float64) for _ in range(3))
+    module = torch.nn.Module()
+    module.is_causal = True
+    torch.manual_seed(1)
+    out, _ = _attention_with_fast_dropout(module, q, k, v, None, dropout=0.5, scaling=0.25)
+    scores = (q @ k.transpose(-1, -2) * 0.25).masked_fill(torch.ones(16, 16, dtype=torch.bool).triu(1), float("-inf"))
+    probs = scores.softmax(-1)
+    torch.manual_seed(1)
+    kept = _dropout_keep(probs, 0.5)
+    assert 0.4 < kept.double().mean() < 0.6
+    torch.testing.assert_close(out.transpose(1, 2), (probs * kept) @ v * 2, atol=1e-6, rtol=1e-5)  # fp32 softmax

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,11 +33,11 @@ def _cli(*args):
     return [sys.executable, "-m", "llmkit", *args]
 
 
-def _assert_same_weights(a, b, atol):
+def _assert_same_weights(a, b, atol, note=""):
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-    assert wa.keys() == wb.keys()
+    assert wa.keys() == wb.keys(), note
     for k in wa:
-        assert torch.allclose(wa[k], wb[k], atol=atol, rtol=0), k
+        assert torch.allclose(wa[k], wb[k], atol=atol, rtol=0), f"{k} {note}"
 
 
 def test_finetune_resume_after_sigkill_gives_the_same_weights(mlm_run, sst2, tmp_path):
@@ -50,11 +51,12 @@ def test_finetune_resume_after_sigkill_gives_the_same_weights(mlm_run, sst2, tmp
               "--precision", "fp32", "--quiet", "--keep-checkpoints", "3", "--seed", "3"]
     subprocess.run(_cli(*common, "--output", str(tmp_path / "straight")), check=True, env=_env())
     interrupted = tmp_path / "interrupted"
-    kills = kill_and_resume(_cli(*common), interrupted, _env())
-    assert kills >= 2, "the run finished before it could be killed twice"
-    assert json.loads((interrupted / "llmkit_run.json").read_text())["status"] == "finished"
-    _assert_same_weights(tmp_path / "straight", interrupted, atol=1e-6)
-    _assert_same_weights(tmp_path / "straight" / "best", interrupted / "best", atol=1e-6)
+    kills = kill_and_resume(_cli(*common), interrupted, _env())  # at moments drawn from a fixed seed
+    assert kills >= 2, f"the run finished before it could be killed twice: {kills!r}"
+    assert kills.during_save >= 1, f"no kill landed during a checkpoint write: {kills!r}"
+    assert json.loads((interrupted / "llmkit_run.json").read_text())["status"] == "finished", repr(kills)
+    _assert_same_weights(tmp_path / "straight", interrupted, atol=1e-6, note=repr(kills))
+    _assert_same_weights(tmp_path / "straight" / "best", interrupted / "best", atol=1e-6, note=repr(kills))
 
 
 # ---------------------------------------------------------------------------------------------------------------
