@@ -224,9 +224,8 @@ def default_finetune_lr(hidden: int) -> float:
 def _classifier_inputs(cfg, tokenizer, model_positions: int | None) -> int:
     from llmkit.tasks import check_length
 
-    check_length(cfg.max_length or None, model_positions, "--max-length")  # refused, as --block-size is
-    limit = min(512, model_positions or 512, tokenizer.model_max_length or 512)
-    return min(cfg.max_length, model_positions or cfg.max_length) if cfg.max_length else limit
+    check_length(cfg.max_length, model_positions, "--max-length")  # refused, as --block-size is
+    return cfg.max_length or min(512, model_positions or 512, tokenizer.model_max_length or 512)
 
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:

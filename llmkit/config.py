@@ -111,8 +111,9 @@ class TrainSettings(LaunchSettings, DataSettings):
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
     eval_every: Optional[int] = opt(None, "Evaluate every N steps (default: about 10 times per run).",
                                     check="positive")
-    eval_batches: Optional[int] = opt(None, "Evaluate on at most N batches during training (default: all).",
-                                      check="positive")
+    eval_batches: Optional[int] = opt(None, "Evaluate during training on N batches per process, the same sample "
+                                      "spread over the whole set each time; the last evaluation uses all "
+                                      "(default: all).", check="positive")
     save_every: Optional[int] = opt(None, "Write a checkpoint every N steps (default: at each evaluation).",
                                     check="positive")
     keep_checkpoints: int = opt(2, "How many recent checkpoints to keep.", check="positive")

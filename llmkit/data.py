@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -29,12 +30,14 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from llmkit import display
 from llmkit import sources as src
 from llmkit.errors import LlmkitError, UsageError
 from llmkit.tokenizer import fingerprint, separator_id, untruncated
 
 CACHE_VERSION = 1
 VALIDATION_SEED = 1234  # fixed, so that the held-out part is the same whatever the training seed
+PART = 2048  # texts per call of a batch encoder: large enough for its threads, small enough to show progress
 
 
 def cache_root(cache_dir: str | None = None) -> Path:
@@ -146,8 +149,6 @@ def _tokenizing(progress=None) -> Iterator[Any]:
     if progress is not None:
         yield progress
         return
-    from llmkit import display
-
     with display.StepProgress("tokenize", None, unit="documents") as shown:
         done = {"documents": 0, "tokens": 0}
 
@@ -224,22 +225,20 @@ def _write_documents(batches: Iterator[list[str]], tokenizer, directory: Path, v
 
 
 def _first_samples(batches: Iterator[list[str]], max_samples: int | None) -> Iterator[list[str]]:
+    """The batches, cut after `max_samples` texts (all of them for None)."""
     seen = 0
     for texts in batches:
         if max_samples is not None:
             texts = texts[: max_samples - seen]
             if not texts:
                 return
-        if texts:
-            seen += len(texts)
-            yield texts
+        seen += len(texts)
+        yield texts
 
 
 def _encode_ahead(batches: Iterator[list[str]], encode) -> Iterator[tuple[list[str], list]]:
     """(texts, encodings) per batch. Each batch is encoded in a thread (the Rust encoder releases the GIL) while
     the caller packs and writes the batch before and reads the one after, so Python's share hides behind encoding."""
-    from concurrent.futures import ThreadPoolExecutor
-
     with ThreadPoolExecutor(1, thread_name_prefix="llmkit-encode") as pool:
         pending = None
         for texts in batches:
@@ -419,18 +418,16 @@ def prepare_classification(data: list[str], tokenizer, labels: LabelSpace | None
         label_ids = _map_labels(raw_labels, labels, label_separator, where) if raw_labels is not None else None
         texts = [t if isinstance(t, str) else "" for t in table[text_col]]
         pairs = [t if isinstance(t, str) else "" for t in table[pair_col]] if pair_col else None
-        from llmkit import display
-
         encoded: dict[str, list] = {"input_ids": [], "token_type_ids": []}
-        # In parts of 2,048 texts (each part still a parallel batch for the fast tokenizer), to show progress.
+        # In parts (each still a parallel batch for the fast tokenizer), to show progress.
         with display.StepProgress("tokenize", len(texts), unit="examples") as shown:
-            for begin in range(0, len(texts), 2048):
-                part = tokenizer(texts[begin:begin + 2048], pairs[begin:begin + 2048] if pairs else None,
+            for begin in range(0, len(texts), PART):
+                part = tokenizer(texts[begin:begin + PART], pairs[begin:begin + PART] if pairs else None,
                                  truncation=True, max_length=max_length, padding=False,
                                  return_attention_mask=False, return_token_type_ids=pair_col is not None)
                 for name in encoded:
                     encoded[name].extend(part.get(name, ()))
-                shown.update(min(begin + 2048, len(texts)))
+                shown.update(min(begin + PART, len(texts)))
         columns: dict[str, Any] = {"input_ids": encoded["input_ids"]}
         if pair_col:
             columns["token_type_ids"] = encoded["token_type_ids"]

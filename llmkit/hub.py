@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -56,8 +57,6 @@ def safetensors_only(name: str) -> dict[str, Any]:
     if not any(path.glob("*.safetensors")):
         pickled = sorted(p.name for p in path.glob("pytorch_model*.bin"))  # one file or shards
         if pickled:
-            import json
-
             try:
                 architecture = (json.loads((path / "config.json").read_text()).get("architectures") or [None])[0]
             except (OSError, ValueError, AttributeError):
@@ -66,6 +65,6 @@ def safetensors_only(name: str) -> dict[str, Any]:
             raise LlmkitError(
                 f"{name} holds its weights only as {pickled[0]}, a pickle that can run code when loaded: llmkit "
                 "reads model weights only from safetensors; if you trust its source, convert it once with "
-                f"`python -c \"from transformers import {cls} as M; M.from_pretrained('{name}')"
-                f".save_pretrained('{name}')\"` (writes model.safetensors)")
+                f"`python -c \"from transformers import {cls} as M; M.from_pretrained({str(path)!r})"
+                f".save_pretrained({str(path)!r})\"` (writes model.safetensors)")
     return {"use_safetensors": True}

@@ -95,8 +95,9 @@ class Classifier:
         self.names = [config.id2label[i] for i in range(config.num_labels)]
         self.multi_label = config.problem_type == "multi_label_classification"
         self.thresholds = np.asarray(saved_thresholds(config, self.names))
-        limit = tasks.max_positions(self.model) or 512
-        tasks.check_length(max_length, limit, "--max-length")
+        positions = tasks.max_positions(self.model)
+        tasks.check_length(max_length, positions, "--max-length")
+        limit = positions or 512
         self.max_length = min(max_length or limit, limit, self.tokenizer.model_max_length or limit)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else \
             (config.pad_token_id or 0)

@@ -86,7 +86,8 @@ class RunDir:
         if not resume:
             if record is not None and not overwrite:
                 what = "a finished run" if record.get("status") == "finished" else "an unfinished run"
-                hint = "" if record.get("status") == "finished" else " or --resume auto to continue it"
+                resumable = record.get("status") != "finished" and ckpt.checkpoint_dirs(self.path)
+                hint = " or --resume auto to continue it" if resumable else ""
                 raise UsageError(f"--output {self.path} holds {what}: pass --overwrite to start afresh{hint}, or "
                                  "choose another --output")
             if record is None and ckpt.checkpoint_dirs(self.path) and not overwrite:

@@ -414,14 +414,15 @@ FAST_ATTENTION = "llmkit_cpu"
 def _attention_with_fast_dropout(module, query, key, value, attention_mask, dropout: float = 0.0,
                                  scaling: float | None = None, is_causal: bool | None = None, **kwargs):
     """transformers' attention interface, for training on a CPU with attention dropout. There PyTorch's SDPA
-    cannot use its fused kernel (it takes no dropout) and falls back to a math path that upcasts to fp32 and draws
-    dropout with bernoulli_. This computes the same attention - softmax(q k^T * scale + mask), dropout on the
-    probabilities, times v - in the input precision with a float32 softmax and _dropout_keep's random source.
-    Anything else (no dropout, another device, extra features) goes to SDPA unchanged."""
+    cannot use its fused kernel (it takes no dropout) and falls back to a math path that upcasts q, k and v to fp32
+    and draws dropout with bernoulli_. This computes the same attention - softmax(q k^T * scale + mask), dropout
+    on the probabilities, times v - with _dropout_keep's random source, its products in the input precision and
+    the softmax in fp32: under bf16 autocast, the numerics of transformers' eager attention. Anything else (no
+    dropout, another device, a cache longer than the queries, extra features) goes to SDPA unchanged."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
-    if not dropout or query.device.type != "cpu" or kwargs.get("position_bias") is not None \
-            or kwargs.get("softcap") is not None or kwargs.get("sliding_window") is not None:
+    if not dropout or query.device.type != "cpu" or query.shape[-2] != key.shape[-2] \
+            or any(kwargs.get(k) is not None for k in ("position_bias", "softcap", "sliding_window")):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
@@ -429,16 +430,16 @@ def _attention_with_fast_dropout(module, query, key, value, attention_mask, drop
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query * scaling, key.transpose(-1, -2))
-    q_len, kv_len = scores.shape[-2:]
-    lowest = torch.finfo(scores.dtype).min
+    length = scores.shape[-1]
+    lowest = torch.finfo(torch.float32 if scores.dtype == torch.float64 else scores.dtype).min  # finite in fp32
     if attention_mask is None:
-        if (getattr(module, "is_causal", True) if is_causal is None else is_causal) and q_len > 1:
-            future = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).triu(kv_len - q_len + 1)
+        if (getattr(module, "is_causal", True) if is_causal is None else is_causal) and length > 1:
+            future = torch.ones(length, length, dtype=torch.bool, device=scores.device).triu(1)
             scores = scores.masked_fill(future, lowest)
     elif attention_mask.dtype == torch.bool:  # True: may attend (SDPA's convention)
-        scores = scores.masked_fill(~attention_mask[..., :kv_len], lowest)
+        scores = scores.masked_fill(~attention_mask[..., :length], lowest)
     else:  # additive
-        scores = scores + attention_mask[..., :kv_len].to(scores.dtype)
+        scores = scores + attention_mask[..., :length].to(scores.dtype)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
     probs = probs * _dropout_keep(probs, dropout).to(probs.dtype)
     out = torch.matmul(probs, value) * (1 / (1 - dropout))  # the dropout scale, on the smaller tensor
@@ -448,9 +449,11 @@ def _attention_with_fast_dropout(module, query, key, value, attention_mask, drop
 def use_fast_attention(model: torch.nn.Module) -> bool:
     """Route the attention of a model that uses SDPA through _attention_with_fast_dropout (CPU training only; the
     saved config keeps "sdpa"). Returns whether it did."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
-
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+    except ImportError:  # transformers before 4.53: keep SDPA
+        return False
     config = getattr(model, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
         return False

@@ -239,49 +239,52 @@ def fit(job: TrainJob) -> dict[str, Any]:
         return dry_run(job, plan, accelerator, base_model, optimizer, scheduler, sampler)
     run = RunDir(Path(cfg.output), main=writes_output(accelerator, Path(cfg.output)))
     run.claim()  # lock an existing --output and repair what a crash left there before a checkpoint is picked
-    accelerator.wait_for_everyone()
+    handlers = None
+    try:  # whatever fails from here on, the lock is released (the Python API may run again in this process)
+        accelerator.wait_for_everyone()
 
-    start_step = 0
-    state = {"best": None, "best_step": None, "bad_evals": 0, "tokens": 0, "train_loss": float("nan"), "eval": {}}
-    resume_from = None
-    if cfg.resume:
-        resume_from = ckpt.find_resume_checkpoint(cfg.resume, run.path, earlier_run=run.read_record() is not None)
-        loaded = ckpt.load_training_state(resume_from, base_model, optimizer, scheduler, rank, signature,
-                                          scaler=accelerator.scaler)
-        if loaded["processes"] != world or loaded["global_batch"] != plan.global_batch:
-            raise UsageError(f"checkpoint {resume_from} was written by a run with {loaded['processes']} processes "
-                             f"and global batch {loaded['global_batch']}: resume with the same (now {world} and "
-                             f"{plan.global_batch})")
-        start_step = loaded["step"]
-        state.update({k: loaded.get(k, v) for k, v in state.items()})
-    run.start(resume=bool(cfg.resume), overwrite=cfg.overwrite, keep_metrics_until=start_step if cfg.resume else None)
-    model = torch.compile(base_model) if cfg.compile else base_model
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if cfg.report_to:
-        accelerator.init_trackers("llmkit", config={k: v for k, v in vars(cfg).items()
-                                                    if isinstance(v, (int, float, str, bool))})
-    params = sum(p.numel() for p in base_model.parameters())
-    display.info(f"[bold]{job.objective}[/bold] {type(base_model).__name__}, {params / 1e6:.2f}M parameters; "
-                 f"{len(job.train_data)} training {'blocks' if job.tokens_per_example else 'examples'}; "
-                 f"{plan.steps} steps of {plan.global_batch} ({plan.processes} process(es) x "
-                 f"{plan.accumulation} accumulation x micro-batch {plan.micro_batch}); "
-                 f"lr {plan.learning_rate:g}, warm-up {plan.warmup}; {accelerator.device.type} {precision}")
-    if resume_from is not None:
-        display.info(f"resuming from {resume_from} at step {start_step}")
-    job.record.update(parameters=params, plan=vars(plan))
+        start_step = 0
+        state = {"best": None, "best_step": None, "bad_evals": 0, "tokens": 0, "train_loss": float("nan"),
+                 "eval": {}}
+        resume_from = None
+        if cfg.resume:
+            resume_from = ckpt.find_resume_checkpoint(cfg.resume, run.path,
+                                                      earlier_run=run.read_record() is not None)
+            loaded = ckpt.load_training_state(resume_from, base_model, optimizer, scheduler, rank, signature,
+                                              scaler=accelerator.scaler)
+            if loaded["processes"] != world or loaded["global_batch"] != plan.global_batch:
+                raise UsageError(f"checkpoint {resume_from} was written by a run with {loaded['processes']} "
+                                 f"processes and global batch {loaded['global_batch']}: resume with the same (now "
+                                 f"{world} and {plan.global_batch})")
+            start_step = loaded["step"]
+            state.update({k: loaded.get(k, v) for k, v in state.items()})
+        run.start(resume=bool(cfg.resume), overwrite=cfg.overwrite,
+                  keep_metrics_until=start_step if cfg.resume else None)
+        model = torch.compile(base_model) if cfg.compile else base_model
+        model, optimizer = accelerator.prepare(model, optimizer)
+        if cfg.report_to:
+            accelerator.init_trackers("llmkit", config={k: v for k, v in vars(cfg).items()
+                                                        if isinstance(v, (int, float, str, bool))})
+        params = sum(p.numel() for p in base_model.parameters())
+        display.info(f"[bold]{job.objective}[/bold] {type(base_model).__name__}, {params / 1e6:.2f}M parameters; "
+                     f"{len(job.train_data)} training {'blocks' if job.tokens_per_example else 'examples'}; "
+                     f"{plan.steps} steps of {plan.global_batch} ({plan.processes} process(es) x "
+                     f"{plan.accumulation} accumulation x micro-batch {plan.micro_batch}); "
+                     f"lr {plan.learning_rate:g}, warm-up {plan.warmup}; {accelerator.device.type} {precision}")
+        if resume_from is not None:
+            display.info(f"resuming from {resume_from} at step {start_step}")
+        job.record.update(parameters=params, plan=vars(plan))
 
-    stop = {"signal": None}
-    handlers = _install_signal_handlers(stop)
-    last_metrics: dict[str, Any] = {}
-    try:
-        last_metrics = _loop(job, plan, accelerator, model, base_model, optimizer, scheduler, sampler, run, state,
-                             start_step, signature, stop)
+        stop = {"signal": None}
+        handlers = _install_signal_handlers(stop)
+        return _loop(job, plan, accelerator, model, base_model, optimizer, scheduler, sampler, run, state,
+                     start_step, signature, stop)
     finally:
-        _restore_signal_handlers(handlers)
+        if handlers is not None:
+            _restore_signal_handlers(handlers)
         if cfg.report_to:
             accelerator.end_training()
         run.release()
-    return last_metrics
 
 
 def estimate(job: TrainJob, plan: Plan, model: torch.nn.Module) -> dict[str, Any]:
@@ -415,9 +418,14 @@ def _loop(job, plan, accelerator, model, base_model, optimizer, scheduler, sampl
                 items_total.zero_()
                 window_start, window_step, window_tokens = time.perf_counter(), step, 0
 
+            evaluating = job.eval_data is not None and (step % plan.eval_every == 0 or last)
+            if evaluating or step % plan.save_every == 0 or stopping:
+                # no best/ export and no save of a diverged model (--resume auto trusts a save); its host sync also
+                # keeps queued training work out of the pause timed below. An evaluation leaves the weights as
+                # they are, so a save that the evaluation decides on (patience) is covered too.
+                _check_finite(accelerator, run, first_bad, step, model=base_model)
             paused = time.perf_counter()  # evaluations and saves stay out of the training throughput
-            if job.eval_data is not None and (step % plan.eval_every == 0 or last):
-                _check_finite(accelerator, run, first_bad, step, model=base_model)  # before a best/ export
+            if evaluating:
                 eval_metrics = evaluate_model(job.objective, model, job.eval_data, accelerator,
                                               batch_size=max(plan.micro_batch, 8), seed=cfg.seed,
                                               masking=job.masking, max_batches=None if last else cfg.eval_batches,
@@ -444,7 +452,6 @@ def _loop(job, plan, accelerator, model, base_model, optimizer, scheduler, sampl
             patience = getattr(cfg, "patience", None)
             out_of_patience = patience is not None and state["bad_evals"] >= patience
             if step % plan.save_every == 0 or stopping or (out_of_patience and not last):
-                _check_finite(accelerator, run, first_bad, step, model=base_model)  # --resume auto trusts a save
                 _save_checkpoint(accelerator, run, base_model, optimizer, scheduler, step, plan, state, signature,
                                  cfg.keep_checkpoints)
             window_start += time.perf_counter() - paused
@@ -466,7 +473,8 @@ def _loop(job, plan, accelerator, model, base_model, optimizer, scheduler, sampl
 
         digests = gather_object(digests)
         if len(set(digests)) > 1:
-            raise LlmkitError(f"the {world} processes ended with different weights ({', '.join(d[:8] for d in digests)})"
+            short = ", ".join(d[:8] for d in digests)
+            raise LlmkitError(f"the {world} processes ended with different weights ({short})"
                               ": please report this with `llmkit env` and the command")
     if run.main:
         run.export(base_model, job.tokenizer, run.path, {**job.record, "step": step, "metrics": final,

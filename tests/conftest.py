@@ -206,7 +206,11 @@ def kill_and_resume(command: list[str], output: Path, env: dict, kills: int = 4,
                 proc.send_signal(signal.SIGKILL)
                 break
             time.sleep(0.001 if kind == "save" else 0.01)
-        proc.wait(timeout=300)
+        try:
+            proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:  # hung: do not leave it running behind the failure
+                proc.kill()
         if proc.returncode == 0:
             break
         assert proc.returncode == -signal.SIGKILL, f"the run failed (status {proc.returncode}; kill seed {seed})"

@@ -157,7 +157,7 @@ def test_resume_after_sigkill_gives_the_same_weights(shakespeare, tokenizer_dir,
     subprocess.run(_cli(*common, "--output", str(tmp_path / "straight")), check=True, env=env)
     interrupted = tmp_path / "interrupted"
     kills = kill_and_resume(_cli(*common), interrupted, env)
-    assert kills >= 2, "the run finished before it could be killed twice"
+    assert kills >= 2, f"the run finished before it could be killed twice ({kills!r})"
     assert (interrupted / "llmkit_run.json").is_file()
     _assert_same_weights(tmp_path / "straight", interrupted, atol=1e-6)
 
@@ -179,9 +179,12 @@ def test_sigterm_writes_a_checkpoint_and_says_how_to_resume(shakespeare, tokeniz
 
 
 @pytest.mark.parametrize("architecture", ["gpt2", "llama", "bert", "roberta"])
-def test_cpu_attention_with_dropout_computes_what_sdpa_computes(architecture, tokenizer_dir, wordpiece_dir):
+def test_cpu_attention_with_dropout_computes_what_sdpa_computes(architecture, tokenizer_dir, wordpiece_dir,
+                                                                 monkeypatch):
     """use_fast_attention's path (CPU training with attention dropout) against SDPA: with a dropout too small to
-    drop anything the logits agree, padding masks included; with p = 0.5 about half the probabilities drop."""
+    drop anything the logits agree, padding masks included, and every layer went through that path; with p = 0.5
+    about half the probabilities drop."""
+    from llmkit import tasks
     from llmkit.tasks import _attention_with_fast_dropout, _dropout_keep, fresh_model, use_fast_attention
 
     objective = "clm" if architecture in ("gpt2", "llama") else "mlm"
@@ -191,11 +194,15 @@ def test_cpu_attention_with_dropout_computes_what_sdpa_computes(architecture, to
     input_ids = torch.randint(5, len(tokenizer), (3, 32))
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, 20:] = 0  # padding: the mask reaches the attention as a tensor
+    attention_draws = []  # the dropout masks of attention probabilities: (batch, heads, queries, keys)
+    monkeypatch.setattr(tasks, "_dropout_keep",
+                        lambda x, p: attention_draws.append(x.dim() == 4) or _dropout_keep(x, p))
     with torch.no_grad():
         reference = model.eval()(input_ids=input_ids, attention_mask=attention_mask).logits
         assert use_fast_attention(model)
         fast = model.train()(input_ids=input_ids, attention_mask=attention_mask).logits
         model.config._attn_implementation = "sdpa"
+    assert sum(attention_draws) == model.config.num_hidden_layers
     keep = attention_mask.bool()
     torch.testing.assert_close(fast[keep], reference[keep], atol=1e-5, rtol=1e-4)
 
@@ -211,3 +218,27 @@ def test_cpu_attention_with_dropout_computes_what_sdpa_computes(architecture, to
     kept = _dropout_keep(probs, 0.5)
     assert 0.4 < kept.double().mean() < 0.6
     torch.testing.assert_close(out.transpose(1, 2), (probs * kept) @ v * 2, atol=1e-6, rtol=1e-5)  # fp32 softmax
+
+
+def test_cpu_attention_with_dropout_grouped_queries_and_additive_masks():
+    """The cases the presets do not reach: grouped-query attention (2 query heads per key/value head) and an
+    additive float mask, against PyTorch's SDPA without dropout (a dropout of 1e-6 drops nothing here)."""
+    from llmkit.tasks import _attention_with_fast_dropout
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 8, 16), torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 16)
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 2
+    out, _ = _attention_with_fast_dropout(module, q, k, v, None, dropout=1e-6, scaling=0.25)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                                is_causal=True, scale=0.25)
+    torch.testing.assert_close(out, expected.transpose(1, 2), atol=1e-5, rtol=1e-4)
+
+    module.is_causal, module.num_key_value_groups = False, 1
+    additive = torch.zeros(2, 1, 8, 8)
+    additive[0, :, :, 5:] = torch.finfo(torch.float32).min  # the first sequence: its last 3 keys are padding
+    additive[1] = torch.randn(1, 8, 8)  # any bias
+    k, v = torch.randn(2, 4, 8, 16), torch.randn(2, 4, 8, 16)
+    out, _ = _attention_with_fast_dropout(module, q, k, v, additive, dropout=1e-6, scaling=0.25)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=additive, scale=0.25)
+    torch.testing.assert_close(out, expected.transpose(1, 2), atol=1e-5, rtol=1e-4)

@@ -1,6 +1,6 @@
-"""Reliability: a killed run resumes exactly; a damaged checkpoint is never resumed from; a crash between two renames
-is repaired; a diverged run saves no diverged state; one run per output directory; and llmkit never deletes or overwrites what
-it did not write."""
+"""Reliability: a killed run resumes exactly; a damaged checkpoint is never resumed from; a crash between two
+renames is repaired; a diverged run saves no diverged state; one run per output directory; and llmkit never
+deletes or overwrites what it did not write."""
 
 from __future__ import annotations
 
@@ -284,3 +284,18 @@ def test_tokenize_replaces_only_its_own_output(shakespeare, tokenizer_dir, tmp_p
     fewer = run(100)  # an empty directory makes way
     more = run(200)  # and so does an earlier output of other inputs
     assert more["documents"] > fewer["documents"]
+
+
+def test_resume_auto_without_a_checkpoint_in_an_earlier_run_points_to_overwrite(shakespeare, tokenizer_dir,
+                                                                                  tmp_path):
+    """A run that wrote no checkpoint (killed early, or one too short to save) cannot be resumed: the error says
+    to start over with --overwrite, which that output needs, not merely to drop --resume."""
+    from llmkit.errors import UsageError
+
+    out = tmp_path / "run"
+    tiny_pretrain("clm", shakespeare, out, tokenizer_dir, max_steps=2, save_every=100, eval_every=100)
+    assert not ckpt.checkpoint_dirs(out)
+    with pytest.raises(UsageError, match="found no complete checkpoint .*: start over with --overwrite instead"):
+        tiny_pretrain("clm", shakespeare, out, tokenizer_dir, max_steps=4, save_every=100, resume="auto")
+    with pytest.raises(UsageError, match="holds a finished run: pass --overwrite to start afresh, or"):
+        tiny_pretrain("clm", shakespeare, out, tokenizer_dir, max_steps=4)
