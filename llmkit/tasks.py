@@ -331,15 +331,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 h = hidden[start:start + chunk].to(dtype)
                 t = targets[start:start + chunk]
                 logits = (h @ w.T).float()
-                lse = torch.logsumexp(logits, dim=-1)
                 valid = t != -100
                 safe = t.clamp(min=0)
                 target_logit = logits.gather(1, safe[:, None]).squeeze(1)
-                total += ((lse - target_logit) * valid).sum()
+                # logsumexp and softmax in place, in one buffer: few passes over the largest tensor of the step
+                top = logits.amax(dim=-1)
+                probs = logits.sub_(top[:, None]).exp_()
+                norm = probs.sum(dim=-1)
+                total += ((top + norm.log() - target_logit) * valid).sum()
                 if needs_grad:
-                    probs = torch.exp(logits.sub_(lse[:, None]))
-                    probs[torch.arange(len(t), device=t.device), safe] -= 1
-                    probs *= valid[:, None]
+                    keep = valid.float()
+                    probs.mul_((keep / norm)[:, None])  # softmax, with ignored rows zeroed in the same pass
+                    probs[torch.arange(len(t), device=t.device), safe] -= keep
                     g = probs.to(dtype)
                     grad_hidden[start:start + chunk] = g @ w
                     grad_weight += (g.T @ h).float()

@@ -242,3 +242,24 @@ def test_cpu_attention_with_dropout_grouped_queries_and_additive_masks():
     out, _ = _attention_with_fast_dropout(module, q, k, v, additive, dropout=1e-6, scaling=0.25)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=additive, scale=0.25)
     torch.testing.assert_close(out, expected.transpose(1, 2), atol=1e-5, rtol=1e-4)
+
+
+def test_fused_linear_cross_entropy_equals_the_plain_loss_and_gradients():
+    """linear_cross_entropy (chunked, gradients computed in the forward pass) against F.cross_entropy over the
+    full logits: the same summed loss and gradients, ignored (-100) targets included, across several chunks."""
+    from llmkit.tasks import linear_cross_entropy
+
+    torch.manual_seed(0)
+    hidden = torch.randn(300, 32, requires_grad=True)
+    weight = torch.randn(500, 32, requires_grad=True)
+    targets = torch.randint(0, 500, (300,))
+    targets[::7] = -100
+    loss = linear_cross_entropy(hidden, weight, targets, chunk=64)
+    loss.backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    reference = torch.nn.functional.cross_entropy(hidden @ weight.T, targets, reduction="sum")
+    reference.backward()
+    torch.testing.assert_close(loss.detach(), reference.detach())
+    torch.testing.assert_close(grads[0], hidden.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grads[1], weight.grad, atol=1e-5, rtol=1e-4)
