@@ -92,7 +92,7 @@ class TokenizedCorpus:
 def tokenize_corpus(data: list[str], tokenizer, *, eval_data: list[str] | None = None,
                     validation_split: float = 0.0, text_column: str | None = None, sample_by: str = "paragraph",
                     max_samples: int | None = None, cache_dir: str | None = None, output: Path | None = None,
-                    trust_remote_code: bool = False, progress=None) -> TokenizedCorpus:
+                    trust_remote_code: bool = False) -> TokenizedCorpus:
     """Tokenize documents into the cache (or `output`), or return the cached result for the same inputs."""
     train_sources = src.resolve(data, "--data")
     eval_sources = src.resolve(eval_data or [], "--eval-data")
@@ -109,7 +109,7 @@ def tokenize_corpus(data: list[str], tokenizer, *, eval_data: list[str] | None =
         if eval_sources:  # held-out text given separately: tokenize it on its own
             corpus.eval_corpus = tokenize_corpus(
                 eval_data, tokenizer, text_column=text_column, sample_by=sample_by, cache_dir=cache_dir,
-                trust_remote_code=trust_remote_code, progress=progress)
+                trust_remote_code=trust_remote_code)
         return corpus
     settings = {"text_column": text_column, "sample_by": sample_by, "max_samples": max_samples,
                 "validation_split": 0.0 if eval_sources else validation_split}
@@ -125,7 +125,7 @@ def tokenize_corpus(data: list[str], tokenizer, *, eval_data: list[str] | None =
         _remove_earlier_output(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with _tokenizing(progress) as progress, building(final) as tmp:
+    with _tokenizing() as progress, building(final) as tmp:
         batches = src.iter_text_batches(train_sources, text_column, sample_by, trust_remote_code=trust_remote_code)
         stats = _write_documents(batches, tokenizer, tmp, settings["validation_split"], max_samples, progress)
         if eval_sources:
@@ -143,12 +143,9 @@ def tokenize_corpus(data: list[str], tokenizer, *, eval_data: list[str] | None =
 
 
 @contextlib.contextmanager
-def _tokenizing(progress=None) -> Iterator[Any]:
-    """The progress callback (documents, tokens) to report to: the caller's, or else llmkit's own display of
-    the documents and tokens done (on a terminal only; nothing in logs or when quiet)."""
-    if progress is not None:
-        yield progress
-        return
+def _tokenizing() -> Iterator[Any]:
+    """A progress callback (documents, tokens) that shows the documents and tokens done (on a terminal only;
+    nothing in logs or when quiet)."""
     with display.StepProgress("tokenize", None, unit="documents") as shown:
         done = {"documents": 0, "tokens": 0}
 
