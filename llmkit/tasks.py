@@ -8,7 +8,6 @@ when micro-batches hold different numbers of masked tokens.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -381,14 +380,11 @@ def _masked_logits(model, input_ids: torch.Tensor, selected: torch.Tensor) -> to
 
 def _dropout_keep(x: torch.Tensor, p: float) -> torch.Tensor:
     """A boolean mask of x's shape, True with probability 1 - p (to 1/65,536): one 64-bit draw of the global torch
-    generator gives three 16-bit uniforms, where bernoulli_ draws once per element (~8x dearer on a CPU)."""
+    generator gives four 16-bit uniforms, where bernoulli_ draws once per element (~8x dearer on a CPU)."""
     n = x.numel()
-    draws = torch.empty((n + 2) // 3, dtype=torch.int64, device=x.device).random_()
-    # random_() draws int64 values in [0, 2^63): the top 16-bit lane always has a zero sign bit, so only the three
-    # low lanes are uniform
-    lanes = draws.view(torch.int16).view(-1, 4)
-    lanes = lanes[:, :3] if sys.byteorder == "little" else lanes[:, 1:]
-    return lanes.reshape(-1)[:n].view(x.shape) >= round(p * 65536) - 32768
+    # from -2^63 with no upper bound: all 64 bits uniform (plain random_() leaves the sign bit at zero)
+    draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(1 << 63), None)
+    return draws.view(torch.int16)[:n].view(x.shape) >= round(p * 65536) - 32768
 
 
 class FastDropout(torch.nn.Module):
@@ -419,8 +415,9 @@ def _attention_with_fast_dropout(module, query, key, value, attention_mask, drop
     """transformers' attention interface, for training on a CPU with attention dropout. There PyTorch's SDPA
     cannot use its fused kernel (it takes no dropout) and falls back to a math path that upcasts q, k and v to fp32
     and draws dropout with bernoulli_. This computes the same attention - softmax(q k^T * scale + mask), dropout
-    on the probabilities, times v - with _dropout_keep's random source, its products in the input precision and
-    the softmax in fp32: under bf16 autocast, the numerics of transformers' eager attention. Anything else (no
+    on the probabilities, times v - with _dropout_keep's random source and its products in the input precision
+    (the softmax computes in fp32 and rounds once): under bf16 autocast, the forward numerics of transformers'
+    eager attention, whose backward pass differs by the rounding of the probabilities. Anything else (no
     dropout, another device, a cache longer than the queries, extra features) goes to SDPA unchanged."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
@@ -432,18 +429,26 @@ def _attention_with_fast_dropout(module, query, key, value, attention_mask, drop
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    scores = torch.matmul(query * scaling, key.transpose(-1, -2))
-    length = scores.shape[-1]
-    lowest = torch.finfo(torch.float32 if scores.dtype == torch.float64 else scores.dtype).min  # finite in fp32
-    if attention_mask is None:
-        if (getattr(module, "is_causal", True) if is_causal is None else is_causal) and length > 1:
-            future = torch.ones(length, length, dtype=torch.bool, device=scores.device).triu(1)
-            scores = scores.masked_fill(future, lowest)
-    elif attention_mask.dtype == torch.bool:  # True: may attend (SDPA's convention)
-        scores = scores.masked_fill(~attention_mask[..., :length], lowest)
-    else:  # additive
-        scores = scores + attention_mask[..., :length].to(scores.dtype)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    length = key.shape[-2]
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
+    lowest = torch.finfo(torch.float32 if dtype == torch.float64 else dtype).min  # finite in fp32
+    causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    if attention_mask is None and causal and length > 1:
+        # the causal mask as an additive bias inside the batched product, scaled there too: no pass of its own,
+        # and nothing to mask in the backward pass (the softmax's gradient is zero where it gives zero)
+        bias = torch.zeros(length, length, dtype=dtype, device=query.device).masked_fill_(
+            torch.ones(length, length, dtype=torch.bool, device=query.device).triu(1), lowest)
+        batch = query.shape[:-2]
+        scores = torch.baddbmm(bias, query.reshape(-1, length, query.shape[-1]).to(dtype),
+                               key.reshape(-1, length, key.shape[-1]).to(dtype).transpose(1, 2), alpha=scaling)
+        scores = scores.view(*batch, length, length)
+    else:
+        scores = torch.matmul(query * scaling, key.transpose(-1, -2))
+        if attention_mask is not None and attention_mask.dtype == torch.bool:  # True: may attend (as in SDPA)
+            scores = scores.masked_fill(~attention_mask[..., :length], lowest)
+        elif attention_mask is not None:  # additive
+            scores = scores + attention_mask[..., :length].to(scores.dtype)
+    probs = torch.softmax(scores, dim=-1)  # on a CPU, bf16 softmax computes in fp32 and rounds once at the end
     probs = probs * _dropout_keep(probs, dropout).to(probs.dtype)
     out = torch.matmul(probs, value) * (1 / (1 - dropout))  # the dropout scale, on the smaller tensor
     return out.transpose(1, 2).contiguous(), None

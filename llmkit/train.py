@@ -96,7 +96,29 @@ def make_accelerator(precision: str, report_to: list[str] | None = None, project
         if project_dir else None
     accelerator = Accelerator(mixed_precision=mixed, log_with=report_to or None, project_config=project,
                               cpu=device.type == "cpu")
+    if device.type == "cpu":
+        keep_freed_memory()
     return accelerator, resolved
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed memory for reuse instead of handing it back to the system. By default it
+    serves each block over 32 MB (a step's logits, attention scores, gradient buffers) with a fresh mmap and
+    unmaps it on free, so the next step faults every page in again: a cast of 4,080 x 8,192 bf16 logits to fp32
+    takes 40-49 ms that way and 7-9 ms from reused memory (2-core CPU). The process then stays at its peak
+    memory, as under jemalloc or tcmalloc. Returns whether the setting was made (glibc only)."""
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    libc = ctypes.CDLL(name)
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, (1 << 31) - 1))
 
 
 def check_trackers(report_to: list[str]) -> None:

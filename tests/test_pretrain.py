@@ -244,6 +244,35 @@ def test_cpu_attention_with_dropout_grouped_queries_and_additive_masks():
     torch.testing.assert_close(out, expected.transpose(1, 2), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cpu_causal_attention_gradients_match_sdpa(precision):
+    """The causal path (mask inside the batched product, no masking in the backward pass, the softmax in the
+    input precision): output and gradients of q, k and v against SDPA's, in fp32 and under bf16 autocast."""
+    from llmkit.tasks import _attention_with_fast_dropout
+
+    torch.manual_seed(0)
+    inputs = [torch.randn(2, 3, 24, 16).transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+              for _ in range(3)]  # (batch, heads, length, dim) views of (batch, length, heads, dim), as in models
+    grad = torch.randn(2, 24, 3, 16)
+    module = torch.nn.Module()
+    module.is_causal = True
+    results = []
+    for fast in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            if fast:
+                out, _ = _attention_with_fast_dropout(module, *inputs, None, dropout=1e-6, scaling=0.25)
+            else:
+                out = torch.nn.functional.scaled_dot_product_attention(*inputs, is_causal=True,
+                                                                       scale=0.25).transpose(1, 2)
+        (out.float() * grad).sum().backward()
+        results.append([out.float()] + [x.grad.clone() for x in inputs])
+        for x in inputs:
+            x.grad = None
+    tolerance = dict(atol=1e-5, rtol=1e-4) if precision == "fp32" else dict(atol=0.03, rtol=0.03)
+    for fast, reference in zip(*results):
+        torch.testing.assert_close(fast, reference, **tolerance)
+
+
 def test_fused_linear_cross_entropy_equals_the_plain_loss_and_gradients():
     """linear_cross_entropy (chunked, gradients computed in the forward pass) against F.cross_entropy over the
     full logits: the same summed loss and gradients, ignored (-100) targets included, across several chunks."""
