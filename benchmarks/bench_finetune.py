@@ -7,7 +7,9 @@ on the anchor's accuracy subset: the first 8,000 rows of train.tsv shuffled with
 picks them, written to a file. llmkit logs every 25 steps; the first window is skipped.
 Equal work: after the rounds, anchor_finetune.py trains config c for one epoch on the same 8,000 rows and reports
 accuracy on test.tsv; llmkit's runs do the same (same learning rate 1e-4, linear decay, no warm-up, no weight
-decay, max length 128). Real (unpadded) tokens per sample are compared too.
+decay, max length 128). Real (unpadded) tokens per sample are compared too: llmkit's must be no fewer than the
+anchor's (its timed steps see a length-grouped order whose first, longest batches fall in the skipped warm-up,
+so they average fewer tokens than the data); real tokens/s, the ratio corrected for lengths, is shown beside.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import csv
 import json
 
 from harness import (ANCHORS, DATA, LLMKIT, MINILM, NO_EVAL_OR_CHECKPOINT, PYTHON, ROOT, TRAINER_OPTIMIZER, Bench,
-                     Outcome, alternate, at_least, close, median, training_figures, within_points)
+                     Outcome, alternate, at_least, info, median, training_figures, within_points)
 
 WORKLOAD = "Fine-tuning MiniLM SST-2"
 SST2 = f"{DATA}/sst2"
@@ -105,8 +107,13 @@ def compare(anchors: list[dict], llmkits: list[dict], accuracy: dict) -> Outcome
                               ACCURACY_POINTS, note=mismatch))
     llmkit_tokens = median([real_tokens_per_sample(l) for l in llmkits])
     anchor_tokens = median([r["real_tokens_per_step"] / BATCH for a in anchors for r in a["c"]["rounds"]])
-    rows.append(close(WORKLOAD, "equal work: real tokens per sample (vs c)", llmkit_tokens, anchor_tokens, "tok",
-                      TOKENS_TOLERANCE, note="different random samples of train.tsv: a few % apart"))
+    rows.append(at_least(WORKLOAD, "equal work: real tokens per sample (vs c), no fewer", llmkit_tokens,
+                         anchor_tokens, "tok", 1 - TOKENS_TOLERANCE,
+                         note="the anchor's timed steps 11-150 of its length-grouped order over all of train.tsv; "
+                              "llmkit's epoch over the 8,000 rows"))
+    anchor_real_tps = median([a["c"]["real_tokens_per_s"] for a in anchors])
+    rows.append(info(WORKLOAD, "real (unpadded) tokens/s vs (c)", sps * llmkit_tokens, anchor_real_tps, "tok/s",
+                     note="the samples/s ratio corrected for the samples' lengths"))
     figures = {"rows": accuracy["train_examples"], "steps": steps, "timed_steps": llmkits[0]["timed_steps"],
                "llmkit": {"samples_per_s": sps, "rounds": [l["rate"] for l in llmkits], "accuracy": llmkit_accuracy,
                           "accuracies": [l["eval"]["eval_accuracy"] for l in llmkits],

@@ -285,22 +285,32 @@ def test_gradient_checkpointing_gives_the_same_weights(shakespeare, tokenizer_di
 def test_freed_memory_is_reused_without_page_faults():
     """After keep_freed_memory (training on a CPU sets it), a large block freed and allocated again comes back
     from the process's heap: no page faults, where glibc's default unmaps it and faults its 65,536 pages back in
-    every time."""
-    import resource
+    every time. Each case runs in a fresh process, as a command does (a long-lived process's heap is another)."""
+    import subprocess
+    import sys
 
-    from llmkit.train import keep_freed_memory
-
-    if not keep_freed_memory():
-        pytest.skip("glibc's malloc only")
-
-    def page_faults() -> int:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-    for _ in range(2):  # 256 MB: allocated, touched and freed (the heap settles after the second time)
+    script = """if True:
+        import resource, sys, torch
+        from llmkit.train import keep_freed_memory
+        kept = keep_freed_memory() if sys.argv[1] == "keep" else False
+        for _ in range(2):  # 256 MB: allocated, touched and freed (the heap settles after the second time)
+            torch.ones(64 << 20)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         torch.ones(64 << 20)
-    before = page_faults()
-    torch.ones(64 << 20)
-    assert page_faults() - before < 1000
+        print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    """
+
+    def page_faults(mode: str) -> tuple[str, int]:
+        done = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True)
+        kept, faults = done.stdout.split()
+        return kept, int(faults)
+
+    kept, faults = page_faults("keep")
+    if kept != "True":
+        pytest.skip("glibc's malloc only")
+    assert faults < 1000
+    assert page_faults("default")[1] > 60_000  # what the setting avoids
+
 
 def test_fast_dropout_is_dropout():
     from llmkit.tasks import FastDropout, use_fast_dropout
