@@ -384,7 +384,8 @@ def _dropout_keep(x: torch.Tensor, p: float) -> torch.Tensor:
     n = x.numel()
     # from -2^63 with no upper bound: all 64 bits uniform (plain random_() leaves the sign bit at zero)
     draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(1 << 63), None)
-    return draws.view(torch.int16)[:n].view(x.shape) >= round(p * 65536) - 32768
+    # the threshold stays within int16 (at p near 1, 32768 would wrap around and keep everything)
+    return draws.view(torch.int16)[:n].view(x.shape) >= min(round(p * 65536), 65535) - 32768
 
 
 class FastDropout(torch.nn.Module):
@@ -417,7 +418,8 @@ def _attention_with_fast_dropout(module, query, key, value, attention_mask, drop
     and draws dropout with bernoulli_. This computes the same attention - softmax(q k^T * scale + mask), dropout
     on the probabilities, times v - with _dropout_keep's random source and its products in the input precision
     (the softmax computes in fp32 and rounds once): under bf16 autocast, the forward numerics of transformers'
-    eager attention, whose backward pass differs by the rounding of the probabilities. Anything else (no
+    eager attention up to where the causal path rounds the scaled product, and a backward pass that uses the
+    rounded probabilities. Anything else (no
     dropout, another device, a cache longer than the queries, extra features) goes to SDPA unchanged."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
@@ -430,21 +432,26 @@ def _attention_with_fast_dropout(module, query, key, value, attention_mask, drop
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     length = key.shape[-2]
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
+    autocast = torch.is_autocast_enabled("cpu") and query.dtype == torch.float32  # autocast casts fp32 only
+    dtype = torch.get_autocast_dtype("cpu") if autocast else query.dtype
     lowest = torch.finfo(torch.float32 if dtype == torch.float64 else dtype).min  # finite in fp32
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-    if attention_mask is None and causal and length > 1:
-        # the causal mask as an additive bias inside the batched product, scaled there too: no pass of its own,
-        # and nothing to mask in the backward pass (the softmax's gradient is zero where it gives zero)
-        bias = torch.zeros(length, length, dtype=dtype, device=query.device).masked_fill_(
-            torch.ones(length, length, dtype=torch.bool, device=query.device).triu(1), lowest)
+    future = torch.ones(length, length, dtype=torch.bool, device=query.device).triu(1) \
+        if attention_mask is None and causal and length > 1 else None
+    if future is not None and key.shape[:-2] == query.shape[:-2]:
+        # the causal mask as an additive bias inside the batched product, scaled there too (before rounding:
+        # the same as scaling after it for power-of-two scales such as 1/8): no pass of its own, and nothing
+        # to mask in the backward pass (the softmax's gradient is zero where it gives zero)
+        bias = torch.zeros(length, length, dtype=dtype, device=query.device).masked_fill_(future, lowest)
         batch = query.shape[:-2]
         scores = torch.baddbmm(bias, query.reshape(-1, length, query.shape[-1]).to(dtype),
                                key.reshape(-1, length, key.shape[-1]).to(dtype).transpose(1, 2), alpha=scaling)
         scores = scores.view(*batch, length, length)
     else:
         scores = torch.matmul(query * scaling, key.transpose(-1, -2))
-        if attention_mask is not None and attention_mask.dtype == torch.bool:  # True: may attend (as in SDPA)
+        if future is not None:  # key/value heads the model broadcasts itself
+            scores = scores.masked_fill(future, lowest)
+        elif attention_mask is not None and attention_mask.dtype == torch.bool:  # True: may attend (as in SDPA)
             scores = scores.masked_fill(~attention_mask[..., :length], lowest)
         elif attention_mask is not None:  # additive
             scores = scores + attention_mask[..., :length].to(scores.dtype)

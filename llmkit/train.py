@@ -102,11 +102,12 @@ def make_accelerator(precision: str, report_to: list[str] | None = None, project
 
 
 def keep_freed_memory() -> bool:
-    """Have glibc's malloc keep freed memory for reuse instead of handing it back to the system. By default it
-    serves each block over 32 MB (a step's logits, attention scores, gradient buffers) with a fresh mmap and
-    unmaps it on free, so the next step faults every page in again: a cast of 4,080 x 8,192 bf16 logits to fp32
-    takes 40-49 ms that way and 7-9 ms from reused memory (2-core CPU). The process then stays at its peak
-    memory, as under jemalloc or tcmalloc. Returns whether the setting was made (glibc only)."""
+    """Have glibc's malloc keep freed memory for reuse instead of handing it back to the system (commands that
+    run a model on a CPU: training and evaluate). By default it serves each block over 32 MB (a step's logits,
+    attention scores, gradient buffers) with a fresh mmap and unmaps it on free, so the next step faults every
+    page in again: a cast of 4,080 x 8,192 bf16 logits to fp32 takes 40-49 ms that way and 7-9 ms from reused
+    memory (2-core CPU). The process then stays at its peak memory, as under jemalloc or tcmalloc. Returns
+    whether the setting was made (glibc only)."""
     import ctypes
     import ctypes.util
     import platform
@@ -117,8 +118,11 @@ def keep_freed_memory() -> bool:
     if name is None:
         return False
     libc = ctypes.CDLL(name)
-    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
-    return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, (1 << 31) - 1))
+    m_trim_threshold, m_mmap_threshold, m_mmap_max = -1, -3, -4  # malloc.h
+    # a threshold above 32 MB is refused by older glibc releases: there, no mmapped blocks at all
+    mmap_off = libc.mallopt(m_mmap_threshold, 1 << 30) or libc.mallopt(m_mmap_max, 0)
+    trim_off = libc.mallopt(m_trim_threshold, (1 << 31) - 1)
+    return bool(mmap_off and trim_off)
 
 
 def check_trackers(report_to: list[str]) -> None:

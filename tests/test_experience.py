@@ -293,27 +293,28 @@ def test_freed_memory_is_reused_without_page_faults():
         import resource, sys, torch
         from llmkit.train import keep_freed_memory
         kept = keep_freed_memory() if sys.argv[1] == "keep" else False
-        for _ in range(2):  # 256 MB: allocated, touched and freed (the heap settles after the second time)
+        faults = []
+        for _ in range(6):  # 256 MB: allocated, touched and freed
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             torch.ones(64 << 20)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        torch.ones(64 << 20)
-        print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        print(kept, *faults)
     """
 
-    def page_faults(mode: str) -> tuple[str, int]:
+    def page_faults(mode: str) -> tuple[str, list[int]]:
         done = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True)
-        kept, faults = done.stdout.split()
-        return kept, int(faults)
+        kept, *faults = done.stdout.split()
+        return kept, [int(f) for f in faults[3:]]  # the heap settles within the first three
 
     kept, faults = page_faults("keep")
     if kept != "True":
         pytest.skip("glibc's malloc only")
-    assert faults < 1000
-    assert page_faults("default")[1] > 60_000  # what the setting avoids
+    default = page_faults("default")[1]  # 65,537 each with 4 KB pages; fewer with huge pages
+    assert max(faults) < 1000 and 20 * max(max(faults), 1) < min(default), (faults, default)
 
 
 def test_fast_dropout_is_dropout():
-    from llmkit.tasks import FastDropout, use_fast_dropout
+    from llmkit.tasks import FastDropout, _dropout_keep, use_fast_dropout
 
     torch.manual_seed(0)
     dropout = FastDropout(0.1).train()
@@ -322,6 +323,7 @@ def test_fast_dropout_is_dropout():
     assert abs((y == 0).float().mean().item() - 0.1) < 0.003  # 5 standard deviations
     lanes = (y[:300_000] == 0).view(-1, 4).float().mean(0)  # each 16-bit lane of the 64-bit draws is uniform
     assert ((lanes - 0.1).abs() < 0.0055).all(), lanes
+    assert _dropout_keep(x, 1 - 1e-6).sum() < 20  # p near 1 drops nearly everything (the threshold does not wrap)
     values = y.detach().unique().tolist()
     assert len(values) == 2 and values[0] == 0 and values[1] == pytest.approx(1 / 0.9)
     y.sum().backward()

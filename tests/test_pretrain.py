@@ -243,6 +243,17 @@ def test_cpu_attention_with_dropout_grouped_queries_and_additive_masks():
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=additive, scale=0.25)
     torch.testing.assert_close(out, expected.transpose(1, 2), atol=1e-5, rtol=1e-4)
 
+    # a single key/value head that the model broadcasts itself (no num_key_value_groups), and float64 inputs
+    # under bf16 autocast (which leaves them alone): both as SDPA computes them
+    module = torch.nn.Module()
+    module.is_causal = True
+    q, k, v = torch.randn(2, 4, 8, 16, dtype=torch.float64), *torch.randn(2, 2, 1, 8, 16, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = _attention_with_fast_dropout(module, q, k, v, None, dropout=1e-6, scaling=0.25)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k.expand_as(q), v.expand_as(q), is_causal=True,
+                                                                scale=0.25)
+    torch.testing.assert_close(out, expected.transpose(1, 2), atol=1e-6, rtol=1e-6)
+
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_cpu_causal_attention_gradients_match_sdpa(precision):
