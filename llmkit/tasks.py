@@ -419,8 +419,8 @@ def _attention_with_fast_dropout(module, query, key, value, attention_mask, drop
     on the probabilities, times v - with _dropout_keep's random source and its products in the input precision
     (the softmax computes in fp32 and rounds once): under bf16 autocast, the forward numerics of transformers'
     eager attention up to where the causal path rounds the scaled product, and a backward pass that uses the
-    rounded probabilities. Anything else (no
-    dropout, another device, a cache longer than the queries, extra features) goes to SDPA unchanged."""
+    rounded probabilities. Anything else (no dropout, another device, a cache longer than the queries, extra
+    features) goes to SDPA unchanged."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     if not dropout or query.device.type != "cpu" or query.shape[-2] != key.shape[-2] \
