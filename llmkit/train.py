@@ -406,6 +406,7 @@ def _loop(job, plan, accelerator, model, base_model, optimizer, scheduler, sampl
     eval_metrics: dict[str, Any] = dict(state.get("eval") or {})  # a run resumed at its last step has no more
     train_loss = state.get("train_loss", float("nan"))
     step = start_step
+    weights_checked = None  # the step whose weights _check_finite last saw (they do not change until the next)
     model.train()
     with display.StepProgress("train", plan.steps) as progress:
         progress.update(step)
@@ -450,6 +451,7 @@ def _loop(job, plan, accelerator, model, base_model, optimizer, scheduler, sampl
                 # keeps queued training work out of the pause timed below. An evaluation leaves the weights as
                 # they are, so a save that the evaluation decides on (patience) is covered too.
                 _check_finite(accelerator, run, first_bad, step, model=base_model)
+                weights_checked = step
             paused = time.perf_counter()  # evaluations and saves stay out of the training throughput
             if evaluating:
                 eval_metrics = evaluate_model(job.objective, model, job.eval_data, accelerator,
@@ -492,7 +494,8 @@ def _loop(job, plan, accelerator, model, base_model, optimizer, scheduler, sampl
     final = {"step": step, "train_loss": train_loss, **{f"eval_{k}": v for k, v in eval_metrics.items()}}
     if state["best"] is not None:
         final.update(best_step=state["best_step"], **{f"best_{job.metric}": state["best"]})
-    _check_finite(accelerator, run, first_bad, step, model=base_model)
+    if weights_checked != step:  # the loop ended without an evaluation or save at its last step (or never ran)
+        _check_finite(accelerator, run, first_bad, step, model=base_model)
     digests = [weights_digest(base_model)]
     if world > 1:  # data parallelism must leave every process with the same weights: check it
         from accelerate.utils import gather_object
