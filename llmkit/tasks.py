@@ -329,22 +329,28 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for start in range(0, hidden.shape[0], chunk):
                 h = hidden[start:start + chunk].to(dtype)
                 t = targets[start:start + chunk]
-                logits = (h @ w.T).float()
+                rows = torch.arange(len(t), device=t.device)
                 valid = t != -100
                 safe = t.clamp(min=0)
-                target_logit = logits.gather(1, safe[:, None]).squeeze(1)
-                # logsumexp and softmax in place, in one buffer: few passes over the largest tensor of the step
-                top = logits.amax(dim=-1)
-                probs = logits.sub_(top[:, None]).exp_()
-                norm = probs.sum(dim=-1)
-                total += ((top + norm.log() - target_logit) * valid).sum()
+                logits = h @ w.T
+                # one pass over the largest tensor of the step: the softmax computes in fp32 and rounds once
+                # (under bf16, the logits stay bf16 - no fp32 copy), and it is the gradient but for the target's -1
+                probs = torch.softmax(logits, dim=-1)
+                # loss = logsumexp - target logit = -log p(target): within the rounding of p (2^-9 relative under
+                # bf16, i.e. 0.002 in the loss), finer than the rounding of the logits themselves
+                target_prob = probs[rows, safe].float()
+                losses = -target_prob.log()
+                lost = valid & (target_prob < torch.finfo(dtype).tiny)  # p underflowed: that row from its logits
+                if lost.any():
+                    exact = logits[lost].float()
+                    losses[lost] = exact.logsumexp(dim=-1) - exact.gather(1, safe[lost][:, None]).squeeze(1)
+                total += losses.masked_fill(~valid, 0).sum()
                 if needs_grad:
-                    keep = valid.float()
-                    probs.mul_((keep / norm)[:, None])  # softmax, with ignored rows zeroed in the same pass
-                    probs[torch.arange(len(t), device=t.device), safe] -= keep
-                    g = probs.to(dtype)
-                    grad_hidden[start:start + chunk] = g @ w
-                    grad_weight += (g.T @ h).float()
+                    probs[rows, safe] -= valid.to(dtype)
+                    if not valid.all():
+                        probs[~valid] = 0
+                    grad_hidden[start:start + chunk] = probs @ w
+                    grad_weight += (probs.T @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.hidden_dtype = hidden.dtype
         return total
@@ -378,12 +384,23 @@ def _masked_logits(model, input_ids: torch.Tensor, selected: torch.Tensor) -> to
 
 
 
+def _random_words(n: int, device: torch.device) -> torch.Tensor:
+    """n uniform 64-bit words (int64). On a CPU they come from numpy's SFC64, seeded by one draw of the global torch
+    generator - seeded and resumed runs repeat, as the torch generator decides everything - because PyTorch's CPU
+    generator (a Mersenne Twister, one thread) fills them ~3.5x slower; elsewhere from the device's generator."""
+    if device.type != "cpu":  # from -2^63 with no upper bound: all 64 bits (plain random_() leaves the sign at 0)
+        return torch.empty(n, dtype=torch.int64, device=device).random_(-(1 << 63), None)
+    import numpy as np
+
+    seed = int(torch.empty((), dtype=torch.int64).random_())
+    return torch.from_numpy(np.random.SFC64(seed).random_raw(n).view(np.int64))
+
+
 def _dropout_keep(x: torch.Tensor, p: float) -> torch.Tensor:
-    """A boolean mask of x's shape, True with probability 1 - p (to 1/65,536): one 64-bit draw of the global torch
-    generator gives four 16-bit uniforms, where bernoulli_ draws once per element (~8x dearer on a CPU)."""
+    """A boolean mask of x's shape, True with probability 1 - p (to 1/65,536): each 64-bit random word gives four
+    16-bit uniforms, where bernoulli_ draws once per element (~8x dearer on a CPU)."""
     n = x.numel()
-    # from -2^63 with no upper bound: all 64 bits uniform (plain random_() leaves the sign bit at zero)
-    draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(1 << 63), None)
+    draws = _random_words((n + 3) // 4, x.device)
     # the threshold stays within int16 (at p near 1, 32768 would wrap around and keep everything)
     return draws.view(torch.int16)[:n].view(x.shape) >= min(round(p * 65536), 65535) - 32768
 
