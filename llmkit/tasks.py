@@ -407,7 +407,7 @@ def _dropout_keep(x: torch.Tensor, p: float) -> torch.Tensor:
 
 class FastDropout(torch.nn.Module):
     """Dropout as nn.Dropout computes it (zero each element with probability p, scale the rest by 1/(1-p)), with
-    the cheaper random source of _dropout_keep. It reads the global torch generator, so seeded and resumed runs
+    the cheaper random source of _dropout_keep, seeded from the global torch generator: seeded and resumed runs
     stay exact."""
 
     def __init__(self, p: float):
