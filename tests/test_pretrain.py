@@ -307,7 +307,7 @@ def test_fused_linear_cross_entropy_equals_the_plain_loss_and_gradients():
 
 def test_fused_linear_cross_entropy_in_bf16_and_for_rows_whose_target_probability_underflows():
     """Under bf16 the loss comes from the rounded probabilities: it stays within 0.1 % of the fp32 loss of the
-    same bf16 logits, and rows far beyond fp32's range (losses of several hundred, where p(target) is 0) keep their
+    same bf16 logits, and rows far beyond fp32's range (losses in the thousands, where p(target) is 0) keep their
     exact loss instead of turning infinite."""
     from llmkit.tasks import linear_cross_entropy
 
