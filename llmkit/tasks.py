@@ -387,7 +387,7 @@ def _masked_logits(model, input_ids: torch.Tensor, selected: torch.Tensor) -> to
 def _random_words(n: int, device: torch.device) -> torch.Tensor:
     """n uniform 64-bit words (int64). On a CPU they come from numpy's SFC64, seeded by one draw of the global torch
     generator - seeded and resumed runs repeat, as the torch generator decides everything - because PyTorch's CPU
-    generator (a Mersenne Twister, one thread) fills them ~3.5x slower; elsewhere from the device's generator."""
+    generator (a Mersenne Twister, one thread) fills them ~3.7x slower; elsewhere from the device's generator."""
     if device.type != "cpu":  # from -2^63 with no upper bound: all 64 bits (plain random_() leaves the sign at 0)
         return torch.empty(n, dtype=torch.int64, device=device).random_(-(1 << 63), None)
     import numpy as np
