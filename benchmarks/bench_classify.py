@@ -59,6 +59,15 @@ def run(bench: Bench) -> Outcome:
     return compare(alternate(bench.rounds, sides), gold_labels(texts))
 
 
+def auto_precision() -> str:
+    """What `--precision auto` picks on this machine, as llmkit classify resolves it."""
+    import torch
+
+    from llmkit.train import resolve_precision
+
+    return resolve_precision("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def labels_of(stdout: str) -> list[str]:
     return [json.loads(line)["label"] for line in stdout.splitlines() if line.startswith("{")]
 
@@ -101,7 +110,7 @@ def compare(rounds: dict[str, list], gold: list[str]) -> Outcome:
         threshold(WORKLOAD, "equal work: labels agreeing with the pipeline's", agreement(llmkit_labels,
                   pipeline_labels), "%", AGREEMENT,
                   note=f"accuracy: llmkit {accuracy['llmkit']:.1%}, pipeline {accuracy['pipeline']:.1%} "
-                       f"(llmkit bf16, pipeline fp32)"),
+                       f"(llmkit --precision auto: {auto_precision()}, pipeline fp32)"),
     ]
     figures = {"texts": n, "llmkit": {"file_seconds": llmkit_seconds, "one_text_seconds": cold,
                                       "inference_texts_per_s": llmkit_inference},

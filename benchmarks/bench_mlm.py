@@ -1,7 +1,7 @@
 """MLM pretraining: BERT 4 layers x 256, 4 heads, FFN 1024, seq 128, batch 32, WordPiece 8192, 15 % masking.
 
 Each round runs anchor_mlm.py once (--repeats 1: Trainer fp32 = run_mlm's default, then Trainer bf16) and then
-`llmkit pretrain --objective mlm` (bf16) with the same model, data (Tiny Shakespeare + WikiText-2 valid and test,
+`llmkit pretrain --objective mlm` (--precision auto) with the same model, data (Tiny Shakespeare + WikiText-2 valid and test,
 by line, lower-cased WordPiece), batch and steps. Both time steps 11-60: the anchor skips --warmup 10 steps,
 llmkit logs every 10 steps and its first window is skipped. Equal work: the anchor prints its mean training loss
 over the run; llmkit's mean over the same steps comes from its log windows.
@@ -63,13 +63,14 @@ def compare(anchors: list[dict], llmkits: list[dict], peaks: list[dict]) -> Outc
     peak = {dtype: max(p[dtype] for p in [*peaks, *(a["peak_used"] for a in anchors)]) for dtype in PRECISIONS}
     tps = median([l["rate"] for l in llmkits])
     anchor_tps = {prec: median([a["summary"][prec]["tokens_per_s"] for a in anchors]) for prec in PRECISIONS}
-    mfu = 6 * params * tps / (peak["bf16"] * 1e9)  # anchor_mlm.py's estimate: 6 N per token
+    precision = llmkits[0]["plan"]["precision"]  # what auto picked: MFU against that dtype's peak
+    mfu = 6 * params * tps / (peak[precision] * 1e9)  # anchor_mlm.py's estimate: 6 N per token
     anchor_mfu = {prec: 6 * anchors[0]["params"] * anchor_tps[prec] / (peak[prec] * 1e9) for prec in PRECISIONS}
     skipped = "llmkit computes vocabulary logits at masked positions only: same loss, fewer FLOPs than 6N counts"
     rows = [at_least(WORKLOAD, f"tok/s vs {LABELS[prec]}", tps, anchor_tps[prec], "tok/s", GOALS[prec],
                      mfu=mfu_text(mfu, anchor_mfu[prec])) for prec in PRECISIONS]
-    rows.append(info(WORKLOAD, "MFU of the bf16 GEMM peak, 6N (anchor: Trainer bf16)", mfu, anchor_mfu["bf16"], "%",
-                     note=skipped))
+    rows.append(info(WORKLOAD, f"MFU of the {precision} GEMM peak, 6N, llmkit's precision (anchor: Trainer "
+                               f"{precision})", mfu, anchor_mfu[precision], "%", note=skipped))
     llmkit_loss = median([l["mean_loss"] for l in llmkits])
     anchor_loss = median([r["train_loss"] for a in anchors for r in a["summary"]["bf16"]["rounds"]])
     first, last = 1, llmkits[0]["plan"]["steps"]
@@ -79,7 +80,7 @@ def compare(anchors: list[dict], llmkits: list[dict], peaks: list[dict]) -> Outc
                       anchor_loss, "loss", LOSS_TOLERANCE, note=model_note))
     figures = {"steps": last, "timed_steps": llmkits[0]["timed_steps"], "parameters": params, "peak_gflops": peak,
                "harness_peaks": peaks,
-               "llmkit": {"tokens_per_s": tps, "rounds": [l["rate"] for l in llmkits], "mfu_bf16_6n": mfu,
+               "llmkit": {"tokens_per_s": tps, "rounds": [l["rate"] for l in llmkits], "precision": precision, "mfu_6n": mfu,
                           "losses": [[w["loss"] for w in l["windows"]] for l in llmkits]},
                "anchor": {"tokens_per_s": anchor_tps, "mfu_6n": anchor_mfu, "rounds": anchors}}
     return Outcome(rows, figures)

@@ -216,12 +216,13 @@ def training_figures(run_dir: Path, rate_key: str) -> dict[str, Any]:
 
 def llmkit_pretrain(bench: Bench, label: str, data: Path, output: Path, *, objective: str, size: list[str],
                     block: int, batch: int, steps: int, log_every: int, learning_rate: float) -> dict[str, Any]:
-    """`llmkit pretrain` in bf16 with the anchor's model, batch, steps, learning rate and dropout (0.1, the
-    GPT2Config / BertConfig default the anchors keep), optimizer as the Trainer's; its training figures."""
+    """`llmkit pretrain` in its default precision (auto: bf16 where this CPU's bf16 products are fast, else fp32)
+    with the anchor's model, batch, steps, learning rate and dropout (0.1, the GPT2Config / BertConfig default the
+    anchors keep), optimizer as the Trainer's; its training figures."""
     bench.run(label, [*LLMKIT, "pretrain", "--data", data, "--output", output, "--objective", objective, *size,
                       "--block-size", block, "--global-batch-size", batch, "--max-steps", steps,
                       "--log-every", log_every, "--learning-rate", learning_rate, "--dropout", "0.1",
-                      *TRAINER_OPTIMIZER, *NO_EVAL_OR_CHECKPOINT, "--precision", "bf16", "--validation-split", "0",
+                      *TRAINER_OPTIMIZER, *NO_EVAL_OR_CHECKPOINT, "--precision", "auto", "--validation-split", "0",
                       "--overwrite", "--quiet"])
     return training_figures(output, "tokens_per_second")
 

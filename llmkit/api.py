@@ -535,7 +535,7 @@ def env(cfg: EnvConfig) -> dict[str, Any]:
     from llmkit.card import versions
     from llmkit.data import cache_root
     from llmkit.hub import offline
-    from llmkit.train import cpu_has_fast_bf16, resolve_precision
+    from llmkit.train import cpu_bf16_speedup, cpu_has_fast_bf16, resolve_precision
 
     devices: list[dict[str, Any]] = []
     for index in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
@@ -544,7 +544,8 @@ def env(cfg: EnvConfig) -> dict[str, Any]:
                         "memory_gb": round(props.total_memory / 2**30, 1),
                         "bf16_fast": props.major >= 8})  # bf16 tensor cores: Ampere (compute capability 8.0) on
     devices.append({"device": "cpu", "name": _cpu_name(), "cores": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "bf16_fast": cpu_has_fast_bf16()})
+                    "torch_threads": torch.get_num_threads(), "bf16_fast": cpu_has_fast_bf16(),
+                    "bf16_matmul_speedup": round(cpu_bf16_speedup(), 2)})
     default = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return {"versions": versions(), "devices": devices, "default_device": str(default),
             "precision_auto": resolve_precision("auto", default), "accelerate_config": _accelerate_config(),

@@ -196,7 +196,8 @@ def show_env(cfg: settings.EnvConfig, info: dict[str, Any]) -> None:
         devices.add_column(column)
     for d in info["devices"]:
         details = f"{d['memory_gb']} GB" if "memory_gb" in d else f"{d['cores']} cores, torch uses {d['torch_threads']}"
-        devices.add_row(d["device"], d["name"], details, "yes" if d["bf16_fast"] else "no")
+        measured = f" (matmul {d['bf16_matmul_speedup']:g}x fp32)" if "bf16_matmul_speedup" in d else ""
+        devices.add_row(d["device"], d["name"], details, ("yes" if d["bf16_fast"] else "no") + measured)
     display.out.print(devices)
     accelerate = info["accelerate_config"]
     if not accelerate["exists"]:

@@ -105,7 +105,8 @@ class TrainSettings(LaunchSettings, DataSettings):
                                                 "process's share of the global batch, no accumulation).",
                                           check="positive")
     precision: str = opt("auto", "Numeric precision. auto = bf16 where the hardware runs it fast (recent GPUs, "
-                                 "CPUs with AVX-512 BF16 or AMX), else fp32.",
+                                 "CPUs whose bf16 matrix products measure faster than fp32's, as with AMX), "
+                                 "else fp32.",
                          choices=("auto", "fp32", "bf16", "fp16"))
     compile: bool = opt(False, "Compile the model with torch.compile (slower start, faster steps).")
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")

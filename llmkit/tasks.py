@@ -99,12 +99,15 @@ def pretrained_model(objective: str, name: str, trust_remote_code: bool = False,
     kwargs.update(safetensors_only(name))
     load = model_class(objective).from_pretrained
     try:
-        return from_pretrained_or_explain(load, name, "model", trust_remote_code=trust_remote_code,
-                                          attn_implementation="sdpa", **kwargs)
+        model = from_pretrained_or_explain(load, name, "model", trust_remote_code=trust_remote_code,
+                                           attn_implementation="sdpa", **kwargs)
     except LlmkitError as e:
         if "sdpa" not in str(e).lower():
             raise
-    return from_pretrained_or_explain(load, name, "model", trust_remote_code=trust_remote_code, **kwargs)
+        model = from_pretrained_or_explain(load, name, "model", trust_remote_code=trust_remote_code, **kwargs)
+    if objective == "classification":  # llmkit reads a classifier's logits only (finetune, evaluate, classify)
+        use_first_token_head(model)
+    return model
 
 
 def check_model_dir(name: str) -> None:
@@ -506,3 +509,70 @@ def use_fast_dropout(model: torch.nn.Module) -> int:
                 setattr(module, name, FastDropout(child.p))
                 swapped += 1
     return swapped
+
+
+# Sequence classifiers whose head reads the first token's final hidden state only (BertPooler, RoBERTa's and
+# ELECTRA's classification heads: hidden[:, 0]), with BERT's encoder layer (attention.self.query/key/value,
+# attention.output, intermediate, output).
+FIRST_TOKEN_CLASSIFIERS = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
+
+
+def use_first_token_head(model: torch.nn.Module) -> bool:
+    """Compute the last encoder layer of a first-token sequence classifier at the first position only: its keys
+    and values still come from every position, but its query, attention output and feed-forward block - 5/6 of
+    the layer's products - run on one token instead of all, and nothing else reads the other positions. Logits,
+    loss and gradients are those of the whole layer (fine-tuning MiniLM-L6 on SST-2, one layer of six: ~13 % more
+    samples/s in fp32). The model's last_hidden_state then holds that position only. Returns whether it did."""
+    config = getattr(model, "config", None)
+    base = getattr(model, "base_model", None)
+    layers = getattr(getattr(base, "encoder", None), "layer", None)
+    if config is None or getattr(config, "model_type", None) not in FIRST_TOKEN_CLASSIFIERS \
+            or not type(model).__name__.endswith("ForSequenceClassification") or not layers \
+            or getattr(config, "is_decoder", False) or getattr(config, "chunk_size_feed_forward", 0) \
+            or getattr(config, "position_embedding_type", "absolute") != "absolute":
+        return False
+    last = layers[-1]
+    attention = getattr(getattr(last, "attention", None), "self", None)
+    if attention is None or not all(hasattr(attention, n) for n in ("query", "key", "value", "scaling")) \
+            or not all(hasattr(last, n) for n in ("intermediate", "output")):
+        return False
+    import types
+
+    # bound to the layer (no closure over it): a deep copy of the model binds the copy's own layer
+    last.forward = types.MethodType(_first_position_forward, last)
+    return True
+
+
+def _first_position_forward(layer, hidden_states, attention_mask=None, *args, **kwargs):
+    out = _first_position_layer(layer, layer.attention.self, hidden_states, attention_mask, kwargs)
+    if out is None:  # the whole layer, as its class computes it
+        out = type(layer).forward(layer, hidden_states, attention_mask, *args, **kwargs)[:, :1]
+    return out
+
+
+def _first_position_layer(layer, attention, hidden_states, mask, kwargs) -> torch.Tensor | None:
+    """BERT's encoder layer for the first position's query (None where this layer call does not fit: a cache, an
+    attention implementation other than SDPA / eager / llmkit's, a mask that is not [batch, 1, queries, keys])."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    impl = attention.config._attn_implementation
+    if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None or impl not in (
+            "sdpa", "eager", FAST_ATTENTION) or mask is not None and mask.dim() != 4:
+        return None
+    if impl == "eager":
+        import sys
+
+        attend = getattr(sys.modules[type(attention).__module__], "eager_attention_forward", None)
+        if attend is None:
+            return None
+    else:
+        attend = ALL_ATTENTION_FUNCTIONS[impl]
+    batch, head_size = hidden_states.shape[0], attention.attention_head_size
+    first = hidden_states[:, :1]
+    query = attention.query(first).view(batch, 1, -1, head_size).transpose(1, 2)
+    key = attention.key(hidden_states).view(batch, hidden_states.shape[1], -1, head_size).transpose(1, 2)
+    value = attention.value(hidden_states).view(batch, hidden_states.shape[1], -1, head_size).transpose(1, 2)
+    context, _ = attend(attention, query, key, value, None if mask is None else mask[:, :, :1],
+                        dropout=attention.dropout.p if attention.training else 0.0, scaling=attention.scaling)
+    attended = layer.attention.output(context.reshape(batch, 1, -1), first)
+    return layer.output(layer.intermediate(attended), attended)

@@ -156,13 +156,17 @@ def test_fill_shows_each_mask(mlm_run, capsys):
 def test_env_reports_what_llmkit_runs_with(isolated_cache):
     from importlib import metadata
 
-    from llmkit.train import cpu_has_fast_bf16
+    from llmkit.train import FAST_BF16_SPEEDUP, cpu_has_fast_bf16
 
     info = env(EnvConfig())
     assert info["versions"]["llmkit"] == metadata.version("llmkit")
     assert info["versions"]["torch"] == torch.__version__
     cpu = info["devices"][-1]
     assert cpu["device"] == "cpu" and cpu["cores"] == os.cpu_count() and cpu["bf16_fast"] == cpu_has_fast_bf16()
+    # auto takes bf16 on a CPU only where its matrix products were measured faster than fp32's
+    assert cpu["bf16_fast"] == (cpu["bf16_matmul_speedup"] >= FAST_BF16_SPEEDUP)
+    if not torch.cuda.is_available():
+        assert info["precision_auto"] == ("bf16" if cpu["bf16_fast"] else "fp32")
     assert len(info["devices"]) == 1 + (torch.cuda.device_count() if torch.cuda.is_available() else 0)
     assert info["precision_auto"] in ("fp32", "bf16", "fp16")
     assert info["cache_dir"] == str(isolated_cache)  # $LLMKIT_CACHE, set by the session fixture

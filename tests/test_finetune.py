@@ -320,3 +320,47 @@ def test_evaluation_with_a_batch_budget_scores_a_spread_of_the_data(minilm_sst2,
     assert len(runs[0]) == 16 and sorted(runs[0]) == sorted(runs[1])
     assert set(examples.labels_at(runs[0])) == {0, 1}
     assert max(runs[0]) - min(runs[0]) > len(rows) // 2
+
+
+@pytest.mark.parametrize("architecture", ["bert", "roberta", "electra"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_first_token_head_gives_the_whole_layers_logits_and_gradients(architecture, attention):
+    """The last layer computed at the first position only: the same logits and gradients as the whole layer,
+    with padding in the batch and with none, and it takes effect (the last hidden state keeps one position)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from llmkit.tasks import use_first_token_head
+
+    config = AutoConfig.for_model(architecture, vocab_size=120, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=64, max_position_embeddings=40,
+                                  num_labels=3, attn_implementation=attention,
+                                  **({"embedding_size": 32} if architecture == "electra" else {}))
+    torch.manual_seed(0)
+    whole = AutoModelForSequenceClassification.from_config(config).eval()
+    first = AutoModelForSequenceClassification.from_config(config).eval()
+    first.load_state_dict(whole.state_dict())
+    assert use_first_token_head(first)
+    ids = torch.randint(5, 120, (3, 11))
+    for mask in (torch.ones_like(ids), torch.tensor([[1] * 11, [1] * 6 + [0] * 5, [1] * 2 + [0] * 9])):
+        logits = [m(input_ids=ids, attention_mask=mask).logits for m in (whole, first)]
+        torch.testing.assert_close(logits[1], logits[0])
+        for m, out in zip((whole, first), logits):
+            m.zero_grad()
+            out.square().sum().backward()
+        for (name, a), b in zip(whole.named_parameters(), first.parameters()):
+            torch.testing.assert_close(b.grad, a.grad, msg=name)
+    hidden = first.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert hidden.shape[1] == 1
+
+
+def test_first_token_head_leaves_other_classifiers_alone():
+    import torch
+    from transformers import AutoModelForSequenceClassification, GPT2Config
+
+    from llmkit.tasks import use_first_token_head
+
+    gpt2 = AutoModelForSequenceClassification.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50,
+                                                                     pad_token_id=0))
+    assert not use_first_token_head(gpt2)  # reads the last token
+    assert torch.is_tensor(gpt2(input_ids=torch.ones(1, 4, dtype=torch.long)).logits)
