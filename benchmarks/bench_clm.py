@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 from harness import (ANCHORS, DATA, PYTHON, Bench, BenchError, Outcome, alternate, at_least, close, gemm_peaks,
-                     llmkit_pretrain, llmkit_tokenize, median, mfu_text, threshold)
+                     llmkit_pretrain, llmkit_tokenize, median, mfu_text, precision_of, threshold)
 
 WORKLOAD = "CLM pretraining"
 TEXT = f"{DATA}/tinyshakespeare/input.txt"
@@ -84,7 +84,7 @@ def compare(anchors: list[dict], llmkits: list[dict], peaks: list[dict]) -> Outc
     peak = {dtype: max(p[dtype] for p in [*peaks, *(a["peaks"] for a in anchors)]) for dtype in ("fp32", "bf16")}
     tps = median([l["rate"] for l in llmkits])
     anchor_tps = {mode: median([a["tokens_per_s"][mode] for a in anchors]) for mode in MODES}
-    precision = llmkits[0]["plan"]["precision"]  # what auto picked: MFU against that dtype's peak
+    precision = precision_of(llmkits)  # what auto picked: MFU and losses against that dtype's
     mfu = tps * flops_per_token / (peak[precision] * 1e9)
     anchor_mfu = {mode: anchor_tps[mode] * flops_per_token / (peak[mode.split("-")[1]] * 1e9) for mode in MODES}
 
@@ -95,11 +95,11 @@ def compare(anchors: list[dict], llmkits: list[dict], peaks: list[dict]) -> Outc
                           note=f"peak fp32 {peak['fp32']:.0f} / bf16 {peak['bf16']:.0f} GF/s, "
                                f"{flops_per_token / 1e6:.1f} MFLOP/token"))
     llmkit_loss = median([l["mean_loss"] for l in llmkits])
-    anchor_loss = median([a["train_loss"]["trainer-bf16"] for a in anchors])
+    anchor_loss = median([a["train_loss"][f"trainer-{precision}"] for a in anchors])
     model_note = "" if abs(params - anchors[0]["params"]) < 0.01e6 else \
         f"MODEL DIFFERS: llmkit {params / 1e6:.2f}M vs anchor {anchors[0]['params'] / 1e6:.2f}M parameters"
     rows.append(close(WORKLOAD, f"equal work: mean train loss, steps 1-{llmkits[0]['plan']['steps']} (vs Trainer "
-                                f"bf16)", llmkit_loss, anchor_loss, "loss", LOSS_TOLERANCE, note=model_note))
+                                f"{precision})", llmkit_loss, anchor_loss, "loss", LOSS_TOLERANCE, note=model_note))
     figures = {"steps": llmkits[0]["plan"]["steps"], "timed_steps": llmkits[0]["timed_steps"], "parameters": params,
                "flops_per_token": flops_per_token, "peak_gflops": peak, "harness_peaks": peaks,
                "llmkit": {"tokens_per_s": tps, "rounds": [l["rate"] for l in llmkits], "precision": precision, "mfu": mfu,

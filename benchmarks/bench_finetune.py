@@ -6,8 +6,8 @@ Trainer configuration on CPUs whose bf16 products are slow) with 150 steps, 10 w
 `llmkit finetune` (its defaults: --precision auto, dynamic padding, length grouping) for one epoch on the anchor's
 accuracy subset: the first 8,000 rows of train.tsv shuffled with seed 42, as anchor_finetune.py
 picks them, written to a file. llmkit logs every 25 steps; the first window is skipped.
-Equal work: after the rounds, anchor_finetune.py trains config c for one epoch on the same 8,000 rows and reports
-accuracy on test.tsv; llmkit's runs do the same (same learning rate 1e-4, linear decay, no warm-up, no weight
+Equal work: after the rounds, anchor_finetune.py trains config c (c32 when llmkit trained in fp32) for one epoch on
+the same 8,000 rows and reports accuracy on test.tsv; llmkit's runs do the same (same learning rate 1e-4, linear decay, no warm-up, no weight
 decay, max length 128). Real (unpadded) tokens per sample are compared too: llmkit's must be no fewer than the
 anchor's (its timed steps see a length-grouped order whose first, longest batches fall in the skipped warm-up,
 so they average fewer tokens than the data); real tokens/s, the ratio corrected for lengths, is shown beside.
@@ -19,7 +19,7 @@ import csv
 import json
 
 from harness import (ANCHORS, DATA, LLMKIT, MINILM, NO_EVAL_OR_CHECKPOINT, PYTHON, ROOT, TRAINER_OPTIMIZER, Bench,
-                     Outcome, alternate, at_least, info, median, training_figures, within_points)
+                     Outcome, alternate, at_least, info, median, precision_of, training_figures, within_points)
 
 WORKLOAD = "Fine-tuning MiniLM SST-2"
 SST2 = f"{DATA}/sst2"
@@ -57,8 +57,9 @@ def run(bench: Bench) -> Outcome:
         return training_figures(output, "samples_per_second")
 
     rounds = alternate(bench.rounds, {"anchor": anchor, "llmkit": llmkit})
-    accuracy = anchor_finetune(bench, "anchor accuracy run (c)", "c", WARMUP + 1,
-                               ["--acc-config", "c", "--subset", rows, "--lr", LEARNING_RATE])["accuracy"]["c"]
+    config = "c32" if precision_of(rounds["llmkit"]) == "fp32" else "c"  # the Trainer in llmkit's precision
+    accuracy = anchor_finetune(bench, f"anchor accuracy run ({config})", config, WARMUP + 1,
+                               ["--acc-config", config, "--subset", rows, "--lr", LEARNING_RATE])["accuracy"][config]
     return compare(rounds["anchor"], rounds["llmkit"], accuracy)
 
 
@@ -104,7 +105,8 @@ def compare(anchors: list[dict], llmkits: list[dict], accuracy: dict) -> Outcome
     steps = llmkits[0]["plan"]["steps"]
     mismatch = "" if steps == accuracy["steps"] else f"STEPS DIFFER: llmkit {steps}, anchor {accuracy['steps']}"
     rows.append(within_points(WORKLOAD, f"equal work: test accuracy after {accuracy['train_examples']:,} rows, "
-                                        f"{steps} steps (vs c)", llmkit_accuracy, accuracy["test_accuracy"],
+                                        f"{steps} steps (vs {accuracy['config']})", llmkit_accuracy,
+                              accuracy["test_accuracy"],
                               ACCURACY_POINTS, note=mismatch))
     llmkit_tokens = median([real_tokens_per_sample(l) for l in llmkits])
     anchor_tokens = median([r["real_tokens_per_step"] / BATCH for a in anchors for r in a["c"]["rounds"]])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 
 from harness import (ANCHORS, DATA, PYTHON, Bench, Outcome, alternate, at_least, close, gemm_peaks,
-                     info, llmkit_pretrain, llmkit_tokenize, median, mfu_text)
+                     info, llmkit_pretrain, llmkit_tokenize, median, mfu_text, precision_of)
 
 WORKLOAD = "MLM pretraining"
 SHAKESPEARE, WIKITEXT = f"{DATA}/tinyshakespeare/input.txt", f"{DATA}/wikitext-2"
@@ -63,7 +63,7 @@ def compare(anchors: list[dict], llmkits: list[dict], peaks: list[dict]) -> Outc
     peak = {dtype: max(p[dtype] for p in [*peaks, *(a["peak_used"] for a in anchors)]) for dtype in PRECISIONS}
     tps = median([l["rate"] for l in llmkits])
     anchor_tps = {prec: median([a["summary"][prec]["tokens_per_s"] for a in anchors]) for prec in PRECISIONS}
-    precision = llmkits[0]["plan"]["precision"]  # what auto picked: MFU against that dtype's peak
+    precision = precision_of(llmkits)  # what auto picked: MFU and losses against that dtype's
     mfu = 6 * params * tps / (peak[precision] * 1e9)  # anchor_mlm.py's estimate: 6 N per token
     anchor_mfu = {prec: 6 * anchors[0]["params"] * anchor_tps[prec] / (peak[prec] * 1e9) for prec in PRECISIONS}
     skipped = "llmkit computes vocabulary logits at masked positions only: same loss, fewer FLOPs than 6N counts"
@@ -72,12 +72,12 @@ def compare(anchors: list[dict], llmkits: list[dict], peaks: list[dict]) -> Outc
     rows.append(info(WORKLOAD, f"MFU of the {precision} GEMM peak, 6N, llmkit's precision (anchor: Trainer "
                                f"{precision})", mfu, anchor_mfu[precision], "%", note=skipped))
     llmkit_loss = median([l["mean_loss"] for l in llmkits])
-    anchor_loss = median([r["train_loss"] for a in anchors for r in a["summary"]["bf16"]["rounds"]])
+    anchor_loss = median([r["train_loss"] for a in anchors for r in a["summary"][precision]["rounds"]])
     first, last = 1, llmkits[0]["plan"]["steps"]
     model_note = "" if params == anchors[0]["params"] else \
         f"MODEL DIFFERS: llmkit {params:,} vs anchor {anchors[0]['params']:,} parameters"
-    rows.append(close(WORKLOAD, f"equal work: mean train loss, steps {first}-{last} (vs Trainer bf16)", llmkit_loss,
-                      anchor_loss, "loss", LOSS_TOLERANCE, note=model_note))
+    rows.append(close(WORKLOAD, f"equal work: mean train loss, steps {first}-{last} (vs Trainer {precision})",
+                      llmkit_loss, anchor_loss, "loss", LOSS_TOLERANCE, note=model_note))
     figures = {"steps": last, "timed_steps": llmkits[0]["timed_steps"], "parameters": params, "peak_gflops": peak,
                "harness_peaks": peaks,
                "llmkit": {"tokens_per_s": tps, "rounds": [l["rate"] for l in llmkits], "precision": precision, "mfu_6n": mfu,

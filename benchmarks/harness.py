@@ -193,6 +193,15 @@ def llmkit_tokenize(bench: Bench, label: str, args: list[Any],
     return json_line(done.stdout), done
 
 
+def precision_of(llmkits: list[dict[str, Any]]) -> str:
+    """The precision llmkit's runs trained in (what --precision auto picked); every round must agree."""
+    found = {l["plan"]["precision"] for l in llmkits}
+    if len(found) > 1:
+        raise BenchError(f"llmkit's rounds trained in different precisions ({', '.join(sorted(found))}): the bf16 "
+                         "speed check gave different answers; pass --precision to compare like with like")
+    return found.pop()
+
+
 def training_figures(run_dir: Path, rate_key: str) -> dict[str, Any]:
     """Throughput and losses of an llmkit training run, from its metrics.jsonl.
 

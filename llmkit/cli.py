@@ -196,7 +196,9 @@ def show_env(cfg: settings.EnvConfig, info: dict[str, Any]) -> None:
         devices.add_column(column)
     for d in info["devices"]:
         details = f"{d['memory_gb']} GB" if "memory_gb" in d else f"{d['cores']} cores, torch uses {d['torch_threads']}"
-        measured = f" (matmul {d['bf16_matmul_speedup']:g}x fp32)" if "bf16_matmul_speedup" in d else ""
+        speedup = d.get("bf16_matmul_speedup")
+        measured = "" if speedup is None else " (no bf16 instructions)" if not speedup else \
+            f" (matmul {speedup:g}x fp32)"
         devices.add_row(d["device"], d["name"], details, ("yes" if d["bf16_fast"] else "no") + measured)
     display.out.print(devices)
     accelerate = info["accelerate_config"]

@@ -84,6 +84,8 @@ def needs_launch(cfg: Any) -> bool:
 def relaunch(cfg: Any, argv: list[str], debug: bool = False) -> None:
     """Run the command (`argv`, as given to `llmkit.cli.main`) as a job under accelerate's launcher. A failed job
     raises the error of its first failed rank, with that rank's exit status."""
+    import torch
+
     command = launch_command(cfg, argv)
     with tempfile.TemporaryDirectory(prefix="llmkit-launch-") as tmp:
         error_file, log = Path(tmp) / "error.json", Path(tmp) / "launcher.log"
@@ -91,6 +93,10 @@ def relaunch(cfg: Any, argv: list[str], debug: bool = False) -> None:
         # After a signal the agent waits this long for the ranks to finish their step and save a checkpoint
         # before it kills them; torch's 30 s is too short for saving a large model.
         env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "300")
+        if not torch.cuda.is_available():  # one measurement for all ranks: they pick the same --precision auto
+            from llmkit.train import BF16_SPEEDUP_ENV, cpu_bf16_speedup
+
+            env[BF16_SPEEDUP_ENV] = str(cpu_bf16_speedup())
         status, signals = _run_forwarding_signals(command, env)
         error = _read_error(error_file)
         crashed = status != 0 and error is None and not signals  # no llmkit error to show: accelerate's report says why

@@ -511,9 +511,9 @@ def use_fast_dropout(model: torch.nn.Module) -> int:
     return swapped
 
 
-# Sequence classifiers whose head reads the first token's final hidden state only (BertPooler, RoBERTa's and
-# ELECTRA's classification heads: hidden[:, 0]), with BERT's encoder layer (attention.self.query/key/value,
-# attention.output, intermediate, output).
+# transformers' sequence classifiers whose head reads the first token's final hidden state only (BertPooler,
+# RoBERTa's and ELECTRA's classification heads: hidden[:, 0]), with BERT's encoder layer (attention.self.query/
+# key/value, attention.output, intermediate, output), which returns a tensor from transformers 5 on.
 FIRST_TOKEN_CLASSIFIERS = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
 
 
@@ -523,10 +523,14 @@ def use_first_token_head(model: torch.nn.Module) -> bool:
     the layer's products - run on one token instead of all, and nothing else reads the other positions. Logits,
     loss and gradients are those of the whole layer (fine-tuning MiniLM-L6 on SST-2, one layer of six: ~13 % more
     samples/s in fp32). The model's last_hidden_state then holds that position only. Returns whether it did."""
+    import transformers
+
     config = getattr(model, "config", None)
     base = getattr(model, "base_model", None)
     layers = getattr(getattr(base, "encoder", None), "layer", None)
-    if config is None or getattr(config, "model_type", None) not in FIRST_TOKEN_CLASSIFIERS \
+    own_class = type(model).__module__.startswith("transformers.models.")  # not remote code with its own head
+    if config is None or getattr(config, "model_type", None) not in FIRST_TOKEN_CLASSIFIERS or not own_class \
+            or int(transformers.__version__.split(".")[0]) < 5 \
             or not type(model).__name__.endswith("ForSequenceClassification") or not layers \
             or getattr(config, "is_decoder", False) or getattr(config, "chunk_size_feed_forward", 0) \
             or getattr(config, "position_embedding_type", "absolute") != "absolute":
@@ -544,9 +548,20 @@ def use_first_token_head(model: torch.nn.Module) -> bool:
 
 
 def _first_position_forward(layer, hidden_states, attention_mask=None, *args, **kwargs):
+    if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
+        import functools
+
+        # as transformers' GradientCheckpointingLayer wraps its class's forward (this one replaces it)
+        return layer._gradient_checkpointing_func(functools.partial(_first_position, layer, **kwargs), hidden_states,
+                                                  attention_mask, *args)
+    return _first_position(layer, hidden_states, attention_mask, *args, **kwargs)
+
+
+def _first_position(layer, hidden_states, attention_mask=None, *args, **kwargs):
     out = _first_position_layer(layer, layer.attention.self, hidden_states, attention_mask, kwargs)
-    if out is None:  # the whole layer, as its class computes it
-        out = type(layer).forward(layer, hidden_states, attention_mask, *args, **kwargs)[:, :1]
+    if out is None:  # the whole layer, as its class computes it (unwrapped: the caller checkpoints)
+        whole = type(layer).forward
+        out = getattr(whole, "__wrapped__", whole)(layer, hidden_states, attention_mask, *args, **kwargs)[:, :1]
     return out
 
 

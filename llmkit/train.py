@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import shutil
 import signal
 import time
@@ -73,6 +74,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 # bf16 autocast pays for its casts only when its matrix products are clearly faster than fp32's
 FAST_BF16_SPEEDUP = 1.3
+# The launching process's measurement, handed to the ranks of a job it starts so that they all agree
+BF16_SPEEDUP_ENV = "LLMKIT_CPU_BF16_SPEEDUP"
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -85,14 +88,18 @@ def cpu_bf16_speedup() -> float:
     512 x 512 x 512 product, the best of three each, interleaved (~20 ms, once per process); 0 without bf16
     instructions. The instruction flags alone do not tell: AMX runs bf16 products several times faster than fp32
     (2 cores: ~400-870 vs ~190-300 GFLOP/s), while AVX-512 BF16 alone may run them at half fp32's speed (an
-    Emerald Rapids VM without AMX: 150-170 vs 260-320 GFLOP/s)."""
+    Emerald Rapids VM without AMX: 150-170 vs 260-320 GFLOP/s). The ranks of a launched job take the launching
+    process's figure (BF16_SPEEDUP_ENV)."""
+    given = os.environ.get(BF16_SPEEDUP_ENV)
+    if given:
+        return float(given)
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:  # not Linux: ask PyTorch what the CPU has
         flags = " avx512_bf16" if torch.cpu._is_avx512_bf16_supported() else ""
     if " avx512_bf16" not in flags and " amx_bf16" not in flags:
         return 0.0
-    full = torch.randn(512, 512)
+    full = torch.randn(512, 512, generator=torch.Generator().manual_seed(0))  # the global generator stays as seeded
     pairs = {dtype: (full.to(dtype), full.to(dtype).T.contiguous()) for dtype in (torch.float32, torch.bfloat16)}
     for a, b in pairs.values():  # the first product creates the kernel
         torch.mm(a, b)

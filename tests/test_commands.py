@@ -153,10 +153,26 @@ def test_fill_shows_each_mask(mlm_run, capsys):
 # env
 
 
+def test_auto_precision_follows_the_measured_bf16_speed(monkeypatch):
+    """A launched job's ranks take the launcher's measurement (the environment variable) and pick by it."""
+    from llmkit.train import BF16_SPEEDUP_ENV, cpu_bf16_speedup, resolve_precision
+
+    cpu = torch.device("cpu")
+    try:
+        for speedup, expected in (("2.5", "bf16"), ("0.55", "fp32"), ("1.29", "fp32")):
+            cpu_bf16_speedup.cache_clear()
+            monkeypatch.setenv(BF16_SPEEDUP_ENV, speedup)
+            assert resolve_precision("auto", cpu) == expected
+        assert resolve_precision("bf16", cpu) == "bf16" and resolve_precision("fp32", cpu) == "fp32"
+    finally:
+        monkeypatch.delenv(BF16_SPEEDUP_ENV)
+        cpu_bf16_speedup.cache_clear()
+
+
 def test_env_reports_what_llmkit_runs_with(isolated_cache):
     from importlib import metadata
 
-    from llmkit.train import FAST_BF16_SPEEDUP, cpu_has_fast_bf16
+    from llmkit.train import FAST_BF16_SPEEDUP, cpu_bf16_speedup, cpu_has_fast_bf16
 
     info = env(EnvConfig())
     assert info["versions"]["llmkit"] == metadata.version("llmkit")
@@ -164,7 +180,8 @@ def test_env_reports_what_llmkit_runs_with(isolated_cache):
     cpu = info["devices"][-1]
     assert cpu["device"] == "cpu" and cpu["cores"] == os.cpu_count() and cpu["bf16_fast"] == cpu_has_fast_bf16()
     # auto takes bf16 on a CPU only where its matrix products were measured faster than fp32's
-    assert cpu["bf16_fast"] == (cpu["bf16_matmul_speedup"] >= FAST_BF16_SPEEDUP)
+    assert cpu["bf16_fast"] == (cpu_bf16_speedup() >= FAST_BF16_SPEEDUP)
+    assert cpu["bf16_matmul_speedup"] == round(cpu_bf16_speedup(), 2)
     if not torch.cuda.is_available():
         assert info["precision_auto"] == ("bf16" if cpu["bf16_fast"] else "fp32")
     assert len(info["devices"]) == 1 + (torch.cuda.device_count() if torch.cuda.is_available() else 0)

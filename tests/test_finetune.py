@@ -323,23 +323,34 @@ def test_evaluation_with_a_batch_budget_scores_a_spread_of_the_data(minilm_sst2,
 
 
 @pytest.mark.parametrize("architecture", ["bert", "roberta", "electra"])
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "llmkit_cpu", "checkpointed"])
 def test_first_token_head_gives_the_whole_layers_logits_and_gradients(architecture, attention):
     """The last layer computed at the first position only: the same logits and gradients as the whole layer,
-    with padding in the batch and with none, and it takes effect (the last hidden state keeps one position)."""
+    with padding in the batch and with none, and it takes effect (the last hidden state keeps one position).
+    With SDPA, eager attention and llmkit's CPU attention; and in training mode with gradient checkpointing
+    (no dropout, so that both models compute the same)."""
+    import copy
+
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from llmkit.tasks import use_first_token_head
+    from llmkit.tasks import use_fast_attention, use_first_token_head
 
     config = AutoConfig.for_model(architecture, vocab_size=120, hidden_size=32, num_hidden_layers=2,
                                   num_attention_heads=4, intermediate_size=64, max_position_embeddings=40,
-                                  num_labels=3, attn_implementation=attention,
+                                  num_labels=3, attn_implementation="eager" if attention == "eager" else "sdpa",
+                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                                   **({"embedding_size": 32} if architecture == "electra" else {}))
     torch.manual_seed(0)
     whole = AutoModelForSequenceClassification.from_config(config).eval()
-    first = AutoModelForSequenceClassification.from_config(config).eval()
+    first = AutoModelForSequenceClassification.from_config(copy.deepcopy(config)).eval()
     first.load_state_dict(whole.state_dict())
+    if attention == "llmkit_cpu":
+        assert use_fast_attention(whole) and use_fast_attention(first)
+    if attention == "checkpointed":
+        for m in (whole, first):
+            m.gradient_checkpointing_enable()
+            m.train()
     assert use_first_token_head(first)
     ids = torch.randint(5, 120, (3, 11))
     for mask in (torch.ones_like(ids), torch.tensor([[1] * 11, [1] * 6 + [0] * 5, [1] * 2 + [0] * 9])):
