@@ -85,7 +85,7 @@ def cpu_has_fast_bf16() -> bool:
 @functools.lru_cache(maxsize=None)
 def cpu_bf16_speedup() -> float:
     """How many times faster a bf16 matrix product runs than an fp32 one on this CPU: fp32 time / bf16 time of a
-    512 x 512 x 512 product, the best of three each, interleaved (once per process: ~20 ms, ~0.1 s in a fresh
+    512 x 512 x 512 product on one thread, the best of ten each, interleaved (once per process: ~0.1 s in a fresh
     process, where the first bf16 product also creates oneDNN's kernel); 0 without bf16 instructions. The instruction flags alone do not tell: AMX runs bf16 products several times faster than fp32
     (2 cores: ~400-870 vs ~190-300 GFLOP/s), while AVX-512 BF16 alone may run them at half fp32's speed (an
     Emerald Rapids VM without AMX: 150-170 vs 260-320 GFLOP/s). The ranks of a launched job take the launching
@@ -102,14 +102,22 @@ def cpu_bf16_speedup() -> float:
         return 0.0
     full = torch.randn(512, 512, generator=torch.Generator().manual_seed(0))  # the global generator stays as seeded
     pairs = {dtype: (full.to(dtype), full.to(dtype).T.contiguous()) for dtype in (torch.float32, torch.bfloat16)}
-    for a, b in pairs.values():  # the first product creates the kernel
-        torch.mm(a, b)
-    best = dict.fromkeys(pairs, math.inf)
-    for _ in range(3):
-        for dtype, (a, b) in pairs.items():
-            start = time.perf_counter()
+    # on one thread: with other work on the cores, a multi-threaded product waits for its slowest thread, and the
+    # two dtypes' libraries (MKL, oneDNN) suffer unequally (2 cores with a test suite running beside: 0.27-3.6 on
+    # two threads, 0.54-0.59 on one; 0.53-0.64 on two threads of the quiet machine)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for a, b in pairs.values():  # the first product creates the kernel
             torch.mm(a, b)
-            best[dtype] = min(best[dtype], time.perf_counter() - start)
+        best = dict.fromkeys(pairs, math.inf)
+        for _ in range(10):  # the best of several short runs: another process spoils some, rarely all
+            for dtype, (a, b) in pairs.items():
+                start = time.perf_counter()
+                torch.mm(a, b)
+                best[dtype] = min(best[dtype], time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
     return best[torch.float32] / best[torch.bfloat16]
 
 
