@@ -1,9 +1,9 @@
 """CLM pretraining: GPT-2 6 layers x 384 (6 heads), block 256, batch 16, byte-level BPE 8192, Tiny Shakespeare.
 
 Each round runs anchor_clm.py (Trainer fp32 = run_clm's default, Trainer bf16, tight loop bf16), measures the GEMM
-peak, then runs `llmkit pretrain` (--precision auto) with the same model, data, batch and steps. Both time the same steps: the
-anchor skips 5 warm-up steps and times the rest of its 30; llmkit logs every 6 steps and the first window is
-skipped. Equal work: the Trainer prints its mean training loss at the end of each of the anchor's Trainer runs;
+peak, then runs `llmkit pretrain` (--precision auto) with the same model, data, batch and steps. Both time the same
+steps: the anchor skips 5 warm-up steps and times the rest of its 30; llmkit logs every 6 steps and the first window
+is skipped. Equal work: the Trainer prints its mean training loss at the end of each of the anchor's Trainer runs;
 llmkit's mean over the same steps comes from its log windows.
 """
 
@@ -102,7 +102,8 @@ def compare(anchors: list[dict], llmkits: list[dict], peaks: list[dict]) -> Outc
                                 f"{precision})", llmkit_loss, anchor_loss, "loss", LOSS_TOLERANCE, note=model_note))
     figures = {"steps": llmkits[0]["plan"]["steps"], "timed_steps": llmkits[0]["timed_steps"], "parameters": params,
                "flops_per_token": flops_per_token, "peak_gflops": peak, "harness_peaks": peaks,
-               "llmkit": {"tokens_per_s": tps, "rounds": [l["rate"] for l in llmkits], "precision": precision, "mfu": mfu,
+               "llmkit": {"tokens_per_s": tps, "rounds": [l["rate"] for l in llmkits], "precision": precision,
+                          "mfu": mfu,
                           "losses": [[w["loss"] for w in l["windows"]] for l in llmkits]},
                "anchor": {"tokens_per_s": anchor_tps, "mfu": anchor_mfu, "rounds": anchors}}
     return Outcome(rows, figures)

@@ -4,13 +4,13 @@ Each round runs anchor_finetune.py twice - config a (run_glue's default: pad to 
 are slow and steady) and configs b (dynamic padding + bf16), c (b + group_by_length) and c32 (c in fp32, the best
 Trainer configuration on CPUs whose bf16 products are slow) with 150 steps, 10 warm-up steps skipped in both - then
 `llmkit finetune` (its defaults: --precision auto, dynamic padding, length grouping) for one epoch on the anchor's
-accuracy subset: the first 8,000 rows of train.tsv shuffled with seed 42, as anchor_finetune.py
-picks them, written to a file. llmkit logs every 25 steps; the first window is skipped.
-Equal work: after the rounds, anchor_finetune.py trains config c (c32 when llmkit trained in fp32) for one epoch on
-the same 8,000 rows and reports accuracy on test.tsv; llmkit's runs do the same (same learning rate 1e-4, linear decay, no warm-up, no weight
-decay, max length 128). Real (unpadded) tokens per sample are compared too: llmkit's must be no fewer than the
-anchor's (its timed steps see a length-grouped order whose first, longest batches fall in the skipped warm-up,
-so they average fewer tokens than the data); real tokens/s, the ratio corrected for lengths, is shown beside.
+accuracy subset: the first 8,000 rows of train.tsv shuffled with seed 42, as anchor_finetune.py picks them, written
+to a file. llmkit logs every 25 steps; the first window is skipped. Equal work: after the rounds, anchor_finetune.py
+trains config c (c32 when llmkit trained in fp32) for one epoch on the same 8,000 rows and reports accuracy on
+test.tsv; llmkit's runs do the same (same learning rate 1e-4, linear decay, no warm-up, no weight decay, max length
+128). Real (unpadded) tokens per sample are compared too: llmkit's must be no fewer than the anchor's (its timed
+steps see a length-grouped order whose first, longest batches fall in the skipped warm-up, so they average fewer
+tokens than the data); real tokens/s, the ratio corrected for lengths, is shown beside.
 """
 
 from __future__ import annotations

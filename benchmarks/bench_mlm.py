@@ -1,10 +1,10 @@
 """MLM pretraining: BERT 4 layers x 256, 4 heads, FFN 1024, seq 128, batch 32, WordPiece 8192, 15 % masking.
 
 Each round runs anchor_mlm.py once (--repeats 1: Trainer fp32 = run_mlm's default, then Trainer bf16) and then
-`llmkit pretrain --objective mlm` (--precision auto) with the same model, data (Tiny Shakespeare + WikiText-2 valid and test,
-by line, lower-cased WordPiece), batch and steps. Both time steps 11-60: the anchor skips --warmup 10 steps,
-llmkit logs every 10 steps and its first window is skipped. Equal work: the anchor prints its mean training loss
-over the run; llmkit's mean over the same steps comes from its log windows.
+`llmkit pretrain --objective mlm` (--precision auto) with the same model, data (Tiny Shakespeare + WikiText-2 valid
+and test, by line, lower-cased WordPiece), batch and steps. Both time steps 11-60: the anchor skips --warmup 10
+steps, llmkit logs every 10 steps and its first window is skipped. Equal work: the anchor prints its mean training
+loss over the run; llmkit's mean over the same steps comes from its log windows.
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ def compare(anchors: list[dict], llmkits: list[dict], peaks: list[dict]) -> Outc
                       llmkit_loss, anchor_loss, "loss", LOSS_TOLERANCE, note=model_note))
     figures = {"steps": last, "timed_steps": llmkits[0]["timed_steps"], "parameters": params, "peak_gflops": peak,
                "harness_peaks": peaks,
-               "llmkit": {"tokens_per_s": tps, "rounds": [l["rate"] for l in llmkits], "precision": precision, "mfu_6n": mfu,
+               "llmkit": {"tokens_per_s": tps, "rounds": [l["rate"] for l in llmkits], "precision": precision,
+                          "mfu_6n": mfu,
                           "losses": [[w["loss"] for w in l["windows"]] for l in llmkits]},
                "anchor": {"tokens_per_s": anchor_tps, "mfu_6n": anchor_mfu, "rounds": anchors}}
     return Outcome(rows, figures)

@@ -558,18 +558,19 @@ def _first_position_forward(layer, hidden_states, attention_mask=None, *args, **
 
 
 def _first_position(layer, hidden_states, attention_mask=None, *args, **kwargs):
-    out = _first_position_layer(layer, layer.attention.self, hidden_states, attention_mask, kwargs)
+    out = _first_position_layer(layer, hidden_states, attention_mask, kwargs)
     if out is None:  # the whole layer, as its class computes it (unwrapped: the caller checkpoints)
         whole = type(layer).forward
         out = getattr(whole, "__wrapped__", whole)(layer, hidden_states, attention_mask, *args, **kwargs)[:, :1]
     return out
 
 
-def _first_position_layer(layer, attention, hidden_states, mask, kwargs) -> torch.Tensor | None:
+def _first_position_layer(layer, hidden_states, mask, kwargs) -> torch.Tensor | None:
     """BERT's encoder layer for the first position's query (None where this layer call does not fit: a cache, an
     attention implementation other than SDPA / eager / llmkit's, a mask that is not [batch, 1, queries, keys])."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    attention = layer.attention.self
     impl = attention.config._attn_implementation
     if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None or impl not in (
             "sdpa", "eager", FAST_ATTENTION) or mask is not None and mask.dim() != 4:

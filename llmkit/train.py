@@ -86,10 +86,11 @@ def cpu_has_fast_bf16() -> bool:
 def cpu_bf16_speedup() -> float:
     """How many times faster a bf16 matrix product runs than an fp32 one on this CPU: fp32 time / bf16 time of a
     512 x 512 x 512 product on one thread, the best of ten each, interleaved (once per process: ~0.1 s in a fresh
-    process, where the first bf16 product also creates oneDNN's kernel); 0 without bf16 instructions. The instruction flags alone do not tell: AMX runs bf16 products several times faster than fp32
-    (2 cores: ~400-870 vs ~190-300 GFLOP/s), while AVX-512 BF16 alone may run them at half fp32's speed (an
-    Emerald Rapids VM without AMX: 150-170 vs 260-320 GFLOP/s). The ranks of a launched job take the launching
-    process's figure (BF16_SPEEDUP_ENV)."""
+    process, where the first bf16 product also creates oneDNN's kernel); 0 without bf16 instructions. The
+    instruction flags alone do not tell: AMX runs bf16 products several times faster than fp32 (2 cores: ~400-870
+    vs ~190-300 GFLOP/s), while AVX-512 BF16 alone may run them at half fp32's speed (an Emerald Rapids VM without
+    AMX: 150-170 vs 260-320 GFLOP/s). The ranks of a launched job take the launching process's figure
+    (BF16_SPEEDUP_ENV)."""
     try:
         return float(os.environ[BF16_SPEEDUP_ENV])
     except (KeyError, ValueError):  # not launched by llmkit (or a value that is no number): measure
