@@ -26,14 +26,20 @@ def read_texts(texts: list[str], file: str | None, text_column: str | None, stdi
         if src.BUILDERS[path.suffix.lower()] == "text":
             out.extend(line for chunk in src.read_text_chunks(path) for line in chunk.split("\n") if line.strip())
         else:
-            table = src.load_table([source])
+            table = src.read_file_table(source)
             column = src.pick_column(table.column_names, text_column, src.TEXT_COLUMNS, "text", "--text-column",
                                      file)
-            out.extend("" if t is None else str(t) for t in table[column])
+            out.extend("" if t is None else str(t) for t in _cells(table, column))
     if not out and not texts and file is None:
         raise UsageError('nothing to classify: give texts (llmkit classify "some text" --model DIR), --file FILE, '
                          "or - to read stdin")
     return out
+
+
+def _cells(table, column: str) -> list:
+    """A column's values as Python objects, from a pyarrow Table or a datasets.Dataset."""
+    values = table[column]
+    return values.to_pylist() if hasattr(values, "to_pylist") else list(values)
 
 
 def _checked_argument(text: str, number: int) -> str:

@@ -147,6 +147,15 @@ CASES = [
     case("evaluate-without-data", "evaluate --model {cls}", 2, "give the data to score"),
     case("classify-without-texts", "classify --model {cls}", 2, "nothing to classify"),
     case("classify-missing-file", "classify --model {cls} --file {tmp}/missing.txt", 2, "missing.txt does not exist"),
+    # classify --file reads tables with pyarrow alone; what pyarrow cannot read gets load_table's errors
+    case("classify-ragged-csv", "classify --model {cls} --file {bad}/ragged.csv", 1, "Expected 2 fields in line 3"),
+    case("classify-header-only-csv", "classify --model {cls} --file {bad}/header-only.csv", 1,
+         "header-only.csv holds a header but no rows"),
+    case("classify-non-utf8-csv", "classify --model {cls} --file {bad}/latin1.csv", 1,
+         "latin1.csv, line 4: not valid UTF-8"),
+    case("classify-broken-jsonl", "classify --model {cls} --file {bad}/broken.jsonl", 1,
+         "broken.jsonl, line 2: not valid JSON"),
+    case("classify-no-text-column", "classify --model {cls} --file {bad}/no-text.csv", 2, "has no text column"),
 ]
 
 
