@@ -332,3 +332,49 @@ def test_fused_linear_cross_entropy_in_bf16_and_for_rows_whose_target_probabilit
     reference = torch.nn.functional.cross_entropy(big @ weight.detach().T, targets[:8], reduction="sum")
     assert reference > 1000 and torch.isfinite(loss)
     torch.testing.assert_close(loss, reference, atol=0, rtol=1e-5)
+
+
+def test_clipping_inside_fused_adamw_equals_accelerate_clipping():
+    """clipped_step folds the clip factor into fused AdamW (grad_scale) and takes the norm from dot products: the
+    moments and weights equal those of accelerator.clip_grad_norm_ + step, clipped or not, step after step."""
+    import copy
+
+    from accelerate import Accelerator
+    from transformers import BertConfig, BertForMaskedLM
+
+    from llmkit.train import clipped_step, make_optimizer
+
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=500, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)  # the same gradients on both sides
+    ours = BertForMaskedLM(config)
+    theirs = copy.deepcopy(ours)
+    opt_ours, opt_theirs = (accelerator.prepare(make_optimizer(m, 1e-3, 0.1, (0.9, 0.95))) for m in (ours, theirs))
+    assert opt_ours.optimizer.defaults["fused"]
+    batches = [torch.randint(0, 500, (4, 16), generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    for step, (ids, max_norm) in enumerate(zip(batches, (0.05, 0.2, 1e4, 0.05, 0.0, 0.1))):
+        norms = []
+        for model, optimizer in ((ours, opt_ours), (theirs, opt_theirs)):
+            model(input_ids=ids, labels=ids).loss.backward()
+            norms.append(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]))
+            if model is ours:
+                clipped_step(accelerator, model, optimizer, max_norm)
+            else:
+                if max_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), max_norm)
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        assert not hasattr(opt_ours.optimizer, "grad_scale")
+        if step in (0, 1):
+            assert norms[0] > 2 * max_norm  # the clip is active in these steps
+        states = [opt.optimizer.state for opt in (opt_ours, opt_theirs)]
+        # the moments are proportional to the clipped gradient: the factor must match. Entries at rounding-noise
+        # level (a key bias's gradient is zero in exact arithmetic) move with the weights' rounding from step 2 on.
+        scale = {key: max(float(states[1][q][key].abs().max()) for q in theirs.parameters())
+                 for key in ("exp_avg", "exp_avg_sq")}
+        for p, q in zip(ours.parameters(), theirs.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+            for key in scale:
+                torch.testing.assert_close(states[0][p][key], states[1][q][key], rtol=1e-5, atol=1e-6 * scale[key])
