@@ -185,7 +185,8 @@ def test_cpu_attention_with_dropout_computes_what_sdpa_computes(architecture, to
     drop anything the logits agree, padding masks included, and every layer went through that path; with p = 0.5
     about half the probabilities drop."""
     from llmkit import tasks
-    from llmkit.tasks import _attention_with_fast_dropout, _dropout_keep, fresh_model, use_fast_attention
+    from llmkit.tasks import (_attention_with_fast_dropout, _dropout_keep, _dropout_scale, fresh_model,
+                              use_fast_attention)
 
     objective = "clm" if architecture in ("gpt2", "llama") else "mlm"
     tokenizer = load_tokenizer(str(tokenizer_dir if objective == "clm" else wordpiece_dir))
@@ -195,8 +196,8 @@ def test_cpu_attention_with_dropout_computes_what_sdpa_computes(architecture, to
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, 20:] = 0  # padding: the mask reaches the attention as a tensor
     attention_draws = []  # the dropout masks of attention probabilities: (batch, heads, queries, keys)
-    monkeypatch.setattr(tasks, "_dropout_keep",
-                        lambda x, p: attention_draws.append(x.dim() == 4) or _dropout_keep(x, p))
+    monkeypatch.setattr(tasks, "_dropout_scale",
+                        lambda x, p, *scale: attention_draws.append(x.dim() == 4) or _dropout_scale(x, p, *scale))
     with torch.no_grad():
         reference = model.eval()(input_ids=input_ids, attention_mask=attention_mask).logits
         assert use_fast_attention(model)
