@@ -9,7 +9,7 @@ from llmkit.errors import LlmkitError, UsageError
 
 
 def read_texts(texts: list[str], file: str | None, text_column: str | None, stdin: TextIO) -> list[str]:
-    """Texts from the arguments (`-` = one per line from stdin) and/or a .txt/.csv/.tsv/.json(l) file."""
+    """Texts from the arguments (`-` = one per line from stdin) and/or a .txt/.csv/.tsv/.json(l)/.parquet file."""
     from llmkit import sources as src
 
     out: list[str] = []

@@ -239,13 +239,14 @@ def read_file_table(source: Source):
     read by pyarrow alone, without importing `datasets` (0.6-0.9 s of start-up) or writing its cache; its cells
     stay text as written (pandas, under `datasets`, would turn the text "NA" or "null" into a missing value).
     Any other source, and a file that pyarrow cannot read or that holds no rows, goes through load_table, whose
-    errors name the problem. Returns a pyarrow Table or a datasets.Dataset: both have column_names and columns."""
+    errors name the problem (and pandas reads the cells). Returns a pyarrow Table or a datasets.Dataset: both
+    have column_names and index by column name."""
     import pyarrow as pa
 
     if source.kind == "file" and len(source.files) == 1:
         try:
             table = _pyarrow_table(source.files[0])
-        except (pa.ArrowException, csv.Error):
+        except (pa.ArrowException, OSError, csv.Error):  # pyarrow reports a corrupt .parquet as an OSError
             table = None
         if table is not None and table.num_rows:
             return table
@@ -253,7 +254,8 @@ def read_file_table(source: Source):
 
 
 def _pyarrow_table(path: Path):
-    """The file as a pyarrow Table, every .csv/.tsv column as strings; None for a type pyarrow does not read."""
+    """The file as a pyarrow Table, every .csv/.tsv column as strings; None for a type pyarrow does not read and
+    for a .csv/.tsv header that pandas would name differently (none, an empty name, a repeated one)."""
     import pyarrow as pa
 
     suffix = path.suffix.lower()
@@ -274,7 +276,7 @@ def _pyarrow_table(path: Path):
     with open(path, encoding="utf-8-sig", newline="") as f:  # as GLUE's .tsv files and pandas read them
         header = next(csv.reader(f, delimiter="\t" if tsv else ",",
                                  quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL), None)
-    if not header or len(set(header)) < len(header):  # no header, or repeated names: load_table renames them
+    if not header or "" in header or len(set(header)) < len(header):  # pandas: "Unnamed: 0", "a.1"
         return None
     parse = pc.ParseOptions(delimiter="\t", quote_char=False) if tsv else pc.ParseOptions(newlines_in_values=True)
     return pc.read_csv(path, parse_options=parse,

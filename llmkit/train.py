@@ -443,12 +443,13 @@ def clipped_step(accelerator, model, optimizer, max_norm: float) -> None:
     torch's fused AdamW with no loss scaler, the norm is (on a CPU) a sum of dot products, 2-3x faster than torch's
     per-tensor norms there, and the clip factor rides in the optimizer's own pass over the gradients, as the divisor
     `grad_scale` that GradScaler hands fused optimizers, instead of a pass of its own: ~11 ms of a ~230 ms MiniLM
-    fine-tuning step here. The update is the same up to rounding (a division by 1/c for a multiplication by c)."""
+    fine-tuning step here. The update is the same up to rounding (the norm summed in another order, a division
+    by 1/c for a multiplication by c). The param groups decide fused or not (a resumed state brings its own)."""
     from accelerate.utils import DistributedType
 
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds torch's optimizer
     grads = [p.grad for p in model.parameters() if p.grad is not None] if max_norm > 0 else []
-    fused = (grads and accelerator.scaler is None and inner.defaults.get("fused")
+    fused = (grads and accelerator.scaler is None and all(g.get("fused") for g in inner.param_groups)
              and getattr(inner, "_step_supports_amp_scaling", False) and not hasattr(inner, "grad_scale")
              and accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU,
                                                   DistributedType.MULTI_GPU)

@@ -156,6 +156,8 @@ CASES = [
     case("classify-broken-jsonl", "classify --model {cls} --file {bad}/broken.jsonl", 1,
          "broken.jsonl, line 2: not valid JSON"),
     case("classify-no-text-column", "classify --model {cls} --file {bad}/no-text.csv", 2, "has no text column"),
+    case("classify-corrupt-parquet", "classify --model {cls} --file {bad}/corrupt.parquet", 1,
+         "could not parse {bad}/corrupt.parquet"),
 ]
 
 
@@ -172,6 +174,7 @@ def bad_files(tmp_path_factory) -> Path:
     (d / "no-data" / "notes.bin").write_bytes(b"\x00")
     (d / "header-only.csv").write_text("text,label\n")
     (d / "no-text.csv").write_text("body,label\ngood,1\nbad,0\n")
+    (d / "corrupt.parquet").write_bytes(b"PAR1" + b"\x15\x04not parquet at all" * 8 + b"PAR1")
     (d / "no-label.csv").write_text("text,stars\ngood,1\nbad,0\nfine,1\n")
     (d / "single-class.csv").write_text("text,label\ngood,1\nfine,1\ngreat,1\n")
     (d / "string-labels.tsv").write_text("sentence\tlabel\ngood\tpositive\nbad\tnegative\n")

@@ -129,16 +129,19 @@ def test_file_tables_read_by_pyarrow_alone_match_datasets(shared, tmp_path):
                       encoding="utf-8")
     lines = tmp_path / "rows.jsonl"
     lines.write_text("".join(json.dumps({"text": t, "label": i % 2}) + "\n" for i, t in enumerate(["x", "y z", None])))
+    crlf = tmp_path / "crlf.tsv"  # a byte-order mark, Windows line ends and a blank line
+    crlf.write_bytes("\ufeffsentence\tlabel\r\nfirst one\t1\r\n\r\nsecond\t0\r\n".encode("utf-8"))
     parquet = tmp_path / "rows.parquet"
     pq.write_table(pa.table({"sentence": ["p", "q r"], "label": [0, 1]}), parquet)
     sst2 = shared / "sst2" / "test.tsv"
-    for path, column in ((sst2, "sentence"), (quoted, "text"), (lines, "text"), (parquet, "sentence")):
+    for path, column in ((sst2, "sentence"), (quoted, "text"), (lines, "text"), (parquet, "sentence"),
+                         (crlf, "sentence")):
         source = src.resolve([str(path)])[0]
         fast, reference = src.read_file_table(source), src.load_table([source])
         assert isinstance(fast, pa.Table), path
         assert fast.column_names == reference.column_names
         got, want = fast[column].to_pylist(), list(reference[column])
-        assert len(got) == len(want) == {sst2: 872, quoted: 5, lines: 3, parquet: 2}[path]
+        assert len(got) == len(want) == {sst2: 872, quoted: 5, lines: 3, parquet: 2, crlf: 2}[path]
         if path == quoted:
             assert got[:3] == want[:3] == ["a, comma", 'two\nlines, "quoted"', "\u00e9t\u00e9 \u2713"]
             assert got[3:] == ["", "NA"] and want[3:] == [None, None]  # pandas' missing values
@@ -151,6 +154,9 @@ def test_file_tables_read_by_pyarrow_alone_match_datasets(shared, tmp_path):
     mixed = tmp_path / "mixed.jsonl"  # pyarrow refuses a column of strings and numbers; datasets reads it
     mixed.write_text('{"text": "a"}\n{"text": 5}\n')
     assert list(src.read_file_table(src.resolve([str(mixed)])[0])["text"]) == ["a", 5]
+    unnamed = tmp_path / "unnamed.csv"  # pandas names an empty header "Unnamed: 0": load_table reads it
+    unnamed.write_text(",text\n1,a\n")
+    assert src.read_file_table(src.resolve([str(unnamed)])[0]).column_names == ["Unnamed: 0", "text"]
 
 
 def test_step_sampler_is_independent_of_processes_and_accumulation():

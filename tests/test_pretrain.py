@@ -354,6 +354,13 @@ def test_clipping_inside_fused_adamw_equals_accelerate_clipping():
     theirs = copy.deepcopy(ours)
     opt_ours, opt_theirs = (accelerator.prepare(make_optimizer(m, 1e-3, 0.1, (0.9, 0.95))) for m in (ours, theirs))
     assert opt_ours.optimizer.defaults["fused"]
+    scales = []  # the grad_scale each of our steps saw: the folded path ran where it is set
+    fused_step = opt_ours.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        scales.append(getattr(opt_ours.optimizer, "grad_scale", None))
+        return fused_step(*args, **kwargs)
+    opt_ours.optimizer.step = recording_step
     batches = [torch.randint(0, 500, (4, 16), generator=torch.Generator().manual_seed(i)) for i in range(6)]
     for step, (ids, max_norm) in enumerate(zip(batches, (0.05, 0.2, 1e4, 0.05, 0.0, 0.1))):
         norms = []
@@ -368,8 +375,9 @@ def test_clipping_inside_fused_adamw_equals_accelerate_clipping():
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         assert not hasattr(opt_ours.optimizer, "grad_scale")
+        assert (scales[-1] is not None) == (max_norm > 0)
         if step in (0, 1):
-            assert norms[0] > 2 * max_norm  # the clip is active in these steps
+            assert norms[0] > 2 * max_norm and scales[-1] > 2  # the clip is active in these steps
         states = [opt.optimizer.state for opt in (opt_ours, opt_theirs)]
         # the moments are proportional to the clipped gradient: the factor must match. Entries at rounding-noise
         # level (a key bias's gradient is zero in exact arithmetic) move with the weights' rounding from step 2 on.
@@ -379,3 +387,15 @@ def test_clipping_inside_fused_adamw_equals_accelerate_clipping():
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
             for key in scale:
                 torch.testing.assert_close(states[0][p][key], states[1][q][key], rtol=1e-5, atol=1e-6 * scale[key])
+
+    # a state saved by a non-fused AdamW brings its own param groups (fused False): no grad_scale for them
+    resumed = accelerator.prepare(make_optimizer(theirs, 1e-3, 0.1, (0.9, 0.95)))
+    plain = torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]}
+                               for g in resumed.optimizer.param_groups], lr=1e-3, fused=False)
+    theirs(input_ids=batches[0], labels=batches[0]).loss.backward()
+    plain.step()
+    plain.zero_grad(set_to_none=True)
+    resumed.optimizer.load_state_dict(plain.state_dict())
+    assert not resumed.optimizer.param_groups[0]["fused"]
+    theirs(input_ids=batches[1], labels=batches[1]).loss.backward()
+    clipped_step(accelerator, theirs, resumed, 0.05)  # accelerate clips: a grad_scale would fail this step
