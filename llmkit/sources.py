@@ -228,9 +228,13 @@ def _load_one(source: Source, trust_remote_code: bool):
                 parts.append(datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train",
                                                    **kwargs))
         except Exception as e:
+            names = ", ".join(str(p) for p in files)
+            if builder == "parquet":  # binary: no header or line to point at
+                raise LlmkitError(f"could not parse {names} as Parquet: {_first_line(e)}; give a valid .parquet "
+                                  "file") from None
             problem = _first_json_problem(files) if builder == "json" else _header_only(files)
-            raise LlmkitError(problem or f"could not parse {', '.join(str(p) for p in files)}: {_first_line(e)}; "
-                              "fix the file (every row needs the same columns)") from None
+            raise LlmkitError(problem or f"could not parse {names}: {_first_line(e)}; fix the file (every row needs "
+                              "the same columns)") from None
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 

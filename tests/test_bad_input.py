@@ -157,7 +157,9 @@ CASES = [
          "broken.jsonl, line 2: not valid JSON"),
     case("classify-no-text-column", "classify --model {cls} --file {bad}/no-text.csv", 2, "has no text column"),
     case("classify-corrupt-parquet", "classify --model {cls} --file {bad}/corrupt.parquet", 1,
-         "could not parse {bad}/corrupt.parquet"),
+         "could not parse {bad}/corrupt.parquet as Parquet"),
+    case("corrupt-parquet", FINETUNE + " --data {bad}/corrupt.parquet", 1,
+         "could not parse {bad}/corrupt.parquet as Parquet"),
 ]
 
 
