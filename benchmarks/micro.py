@@ -13,25 +13,29 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import time
+from typing import Any, Callable
 
 import torch
 
-from harness import MINILM
+from harness import MINILM, alternate, median
 
 
-def alternate(repeats: int, sides: dict) -> dict[str, float]:
-    """Median milliseconds of each side's call, the sides taking turns."""
-    times: dict[str, list[float]] = {name: [] for name in sides}
-    for name, fn in sides.items():  # warm-up
-        fn()
-    for _ in range(repeats):
-        for name, fn in sides.items():
+def medians_ms(repeats: int, calls: dict[str, Callable[[], Any]],
+               prepare: Callable[[str], None] | None = None) -> dict[str, float]:
+    """Median milliseconds of each call over `repeats` rounds of harness.alternate, after one warm-up round;
+    `prepare(name)` runs before each timed call, outside the timing."""
+    def timed(name: str, call: Callable[[], Any]) -> Callable[[int], float]:
+        def side(_: int) -> float:
+            if prepare is not None:
+                prepare(name)
             start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+            call()
+            return time.perf_counter() - start
+        return side
+
+    rounds = alternate(repeats + 1, {name: timed(name, call) for name, call in calls.items()})
+    return {name: median(times[1:]) * 1e3 for name, times in rounds.items()}
 
 
 def clip_and_step(repeats: int) -> dict[str, float]:
@@ -47,27 +51,19 @@ def clip_and_step(repeats: int) -> dict[str, float]:
     grads = [torch.randn_like(p) * 0.01 for p in model.parameters()]  # norm ~48: the clip at 1.0 is active
     optimizers = {name: accelerator.prepare(make_optimizer(m, 1e-4, 0.0, (0.9, 0.999))) for name, m in models.items()}
 
-    def side(name: str):
-        m, optimizer = models[name], optimizers[name]
-        for p, g in zip(m.parameters(), grads):
-            p.grad = g.clone()  # before the timed call
+    def set_gradients(name: str) -> None:
+        for p, g in zip(models[name].parameters(), grads):
+            p.grad = g.clone()
 
-        def run():
-            if name.startswith("accelerate"):
-                accelerator.clip_grad_norm_(m.parameters(), 1.0)
-                optimizer.step()
-            else:
-                clipped_step(accelerator, m, optimizer, 1.0)
-        return run
+    def accelerate_clip_and_step() -> None:
+        m = models["accelerate clip + step"]
+        accelerator.clip_grad_norm_(m.parameters(), 1.0)
+        optimizers["accelerate clip + step"].step()
 
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(repeats + 1):
-        for name in models:
-            run = side(name)
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t[1:]) * 1e3 for name, t in times.items()}
+    return medians_ms(repeats, {
+        "accelerate clip + step": accelerate_clip_and_step,
+        "llmkit clipped_step": lambda: clipped_step(accelerator, models["llmkit clipped_step"],
+                                                    optimizers["llmkit clipped_step"], 1.0)}, set_gradients)
 
 
 def dropout(repeats: int) -> dict[str, dict[str, float]]:
@@ -84,7 +80,7 @@ def dropout(repeats: int) -> dict[str, dict[str, float]]:
         def numpy_factors():
             (x * _dropout_scale(x, 0.1, 1 / 0.9)).backward(g)
 
-        out["x".join(map(str, shape))] = alternate(repeats, {"torch mask": torch_mask, "numpy factors": numpy_factors})
+        out["x".join(map(str, shape))] = medians_ms(repeats, {"torch mask": torch_mask, "numpy factors": numpy_factors})
     return out
 
 
