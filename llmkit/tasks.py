@@ -418,8 +418,8 @@ def _dropout_keep(x: torch.Tensor, p: float) -> torch.Tensor:
 def _dropout_scale(x: torch.Tensor, p: float, scale: float = 1.0) -> torch.Tensor:
     """`scale` where _dropout_keep keeps (the same draws, the same mask), 0 elsewhere, in x's shape and dtype. For
     fp32 on a CPU, numpy compares the draws and writes the factors: its kernels run 2-7x faster than PyTorch's
-    CPU compare and bool-to-float at these sizes (a 32 x 15 x 384 dropout, forward and backward: 1.12 -> 0.70 ms,
-    benchmarks/micro.py); the factors are the same floats either way."""
+    CPU compare and bool-to-float at these sizes (a 32 x 15 x 384 dropout, forward and backward: 0.84-1.12 -> 0.69-0.70
+    ms, benchmarks/micro.py); the factors are the same floats either way."""
     if x.device.type != "cpu" or x.dtype != torch.float32:
         keep = _dropout_keep(x, p).to(x.dtype)
         return keep if scale == 1 else keep * scale
