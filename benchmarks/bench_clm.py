@@ -4,8 +4,8 @@ Each round runs anchor_clm.py (Trainer fp32 = run_clm's default and Trainer bf16
 loop bf16, for information, in the first round only), measures the GEMM peak, then runs `llmkit pretrain`
 (--precision auto) with the same model, data, batch and steps. Both time the same steps: the anchor skips 5 warm-up
 steps and times the rest of its 18 (steps 7-18: it times from the end of step 6); llmkit logs every 6 steps and the
-first window is skipped. Equal work: the Trainer prints its mean training loss at the end of each of the anchor's Trainer runs;
-llmkit's mean over the same steps comes from its log windows.
+first window is skipped. Equal work: the Trainer prints its mean training loss at the end of each of the anchor's
+Trainer runs; llmkit's mean over the same steps comes from its log windows.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@
 
 - clip + AdamW step over all-MiniLM-L6-v2's 22.7 M parameters (random gradients with a norm above the clip):
   accelerator.clip_grad_norm_ then fused AdamW's step, against llmkit's train.clipped_step;
-- dropout forward + backward at shapes of the benchmarks' fine-tuning and CLM steps: PyTorch's bool mask
-  (_dropout_keep, then to float and scale), against the numpy factors of tasks._dropout_scale.
+- dropout forward + backward at shapes of the benchmarks' fine-tuning and CLM steps, fp32 and bf16: PyTorch's
+  bool mask (_dropout_keep, then to the dtype and scale), against the numpy factors of tasks._dropout_scale.
 Not part of `make bench`: these time pieces, not workloads.
 """
 
@@ -70,9 +70,11 @@ def dropout(repeats: int) -> dict[str, dict[str, float]]:
     from llmkit.tasks import _dropout_keep, _dropout_scale
 
     out = {}
-    for shape in ((32, 15, 384), (32, 15, 1536), (16, 256, 384), (16, 6, 256, 256)):
-        x = torch.randn(shape, requires_grad=True)
-        g = torch.randn(shape)
+    for dtype, shape in ((torch.float32, (32, 15, 384)), (torch.float32, (32, 15, 1536)),
+                         (torch.float32, (16, 256, 384)), (torch.float32, (16, 6, 256, 256)),
+                         (torch.bfloat16, (16, 256, 384)), (torch.bfloat16, (16, 6, 256, 256))):
+        x = torch.randn(shape, dtype=dtype, requires_grad=True)
+        g = torch.randn(shape, dtype=dtype)
 
         def torch_mask():
             (x * (_dropout_keep(x, 0.1).to(x.dtype) * (1 / 0.9))).backward(g)
@@ -80,7 +82,8 @@ def dropout(repeats: int) -> dict[str, dict[str, float]]:
         def numpy_factors():
             (x * _dropout_scale(x, 0.1, 1 / 0.9)).backward(g)
 
-        out["x".join(map(str, shape))] = medians_ms(repeats, {"torch mask": torch_mask, "numpy factors": numpy_factors})
+        name = f"{'x'.join(map(str, shape))} {str(dtype).removeprefix('torch.')}"
+        out[name] = medians_ms(repeats, {"torch mask": torch_mask, "numpy factors": numpy_factors})
     return out
 
 

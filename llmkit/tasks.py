@@ -417,16 +417,21 @@ def _dropout_keep(x: torch.Tensor, p: float) -> torch.Tensor:
 
 def _dropout_scale(x: torch.Tensor, p: float, scale: float = 1.0) -> torch.Tensor:
     """`scale` where _dropout_keep keeps (the same draws, the same mask), 0 elsewhere, in x's shape and dtype. For
-    fp32 on a CPU, numpy compares the draws and writes the factors: its kernels run 2-7x faster than PyTorch's
-    CPU compare and bool-to-float at these sizes (a 32 x 15 x 384 dropout, forward and backward: 0.84-1.12 -> 0.69-0.70
-    ms, benchmarks/micro.py); the factors are the same floats either way."""
-    if x.device.type != "cpu" or x.dtype != torch.float32:
+    fp32 and bf16 on a CPU, numpy compares the draws and writes the factors (bf16 as the 16-bit pattern of the
+    rounded scale): its kernels run 2-7x faster than PyTorch's CPU compare and bool-to-float at these sizes (a
+    32 x 15 x 384 dropout, forward and backward: 0.84-1.12 -> 0.69-0.70 ms, benchmarks/micro.py); the factors are
+    the same floats either way."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
         keep = _dropout_keep(x, p).to(x.dtype)
         return keep if scale == 1 else keep * scale
     import numpy as np
 
     draws, threshold = _dropout_draws(x, p)
-    return torch.from_numpy(np.multiply(draws.numpy() >= threshold, np.float32(scale), dtype=np.float32))
+    keep = draws.numpy() >= threshold
+    if x.dtype == torch.float32:
+        return torch.from_numpy(np.multiply(keep, np.float32(scale), dtype=np.float32))
+    bits = np.int16(torch.tensor(scale, dtype=torch.bfloat16).view(torch.int16).item())  # bf16(scale) as int16
+    return torch.from_numpy(np.multiply(keep, bits, dtype=np.int16)).view(torch.bfloat16)
 
 
 class FastDropout(torch.nn.Module):

@@ -333,12 +333,15 @@ def test_fast_dropout_is_dropout():
     torch.manual_seed(1)
     assert torch.equal(first, dropout(x))  # the global generator: seeded and resumed runs repeat
     assert dropout.eval()(x) is x
-    for p in (0.1, 0.5, 1 - 1e-6):  # fp32 factors come from numpy: the same draws and floats as PyTorch's path
-        torch.manual_seed(2)
-        factors = _dropout_scale(x, p, 1 / (1 - p))
-        torch.manual_seed(2)
-        assert torch.equal(factors, _dropout_keep(x, p).float() * (1 / (1 - p)))
-        assert factors.dtype == x.dtype and factors.shape == x.shape
+    for dtype in (torch.float32, torch.bfloat16):  # factors from numpy: the same draws and floats as PyTorch's path
+        low = x.detach().to(dtype)
+        for p in (0.1, 0.5, 1 - 1e-6):
+            for scale in (1, 1 / (1 - p)):
+                torch.manual_seed(2)
+                factors = _dropout_scale(low, p, scale)
+                torch.manual_seed(2)
+                assert torch.equal(factors, _dropout_keep(low, p).to(dtype) * scale), (dtype, p, scale)
+                assert factors.dtype == dtype and factors.shape == x.shape
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16))
