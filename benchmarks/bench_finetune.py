@@ -30,6 +30,7 @@ BATCH, WARMUP, SEED, MAX_LENGTH = 32, 10, 42, 128
 # The Trainer's length grouping orders each megabatch of 50 batches longest first: timing whole megabatches (steps
 # 51-150, after the first as warm-up) times the data's lengths, where steps 11-100 would skip the longest batches
 MEGABATCH = 50
+GROUPED = "c,c32"  # the length-grouped configurations, timed over whole megabatches
 LEARNING_RATE = 1e-4  # llmkit's default for this model; the anchors' README shows it beats their 2e-5
 CONFIGS = {"a": "(a) run_glue default: pad 128, fp32", "b": "(b) dynamic padding + bf16",
            "c": "(c) b + group_by_length", "c32": "(c32) c in fp32"}
@@ -52,20 +53,20 @@ def run(bench: Bench) -> Outcome:
     def accuracy_config() -> str:
         return "c32" if precision_of(llmkits) == "fp32" else "c"  # the Trainer in llmkit's precision
 
+    def accuracy_args(config: str) -> list:
+        return ["--acc-config", config, "--subset", rows, "--lr", LEARNING_RATE]
+
     def anchor(r: int) -> dict:
         short = "a,b" if r == 0 else "a"  # b's order is not length-grouped: a short window times its lengths
         timed = anchor_finetune(bench, f"anchor round {r + 1} ({short})", short, steps_a, WARMUP,
                                 ["--no-accuracy"])["throughput"]
-        configs = "c,c32"
         # the last round's process also trains the accuracy run, once llmkit's precision is known
-        last = r == bench.rounds - 1 and bool(llmkits)
-        extra = ["--acc-config", accuracy_config(), "--subset", rows, "--lr", LEARNING_RATE] if last else \
-            ["--no-accuracy"]
-        done = anchor_finetune(bench, f"anchor round {r + 1} ({configs}{' + accuracy' if last else ''})", configs,
-                               *grouped, extra)
+        config = accuracy_config() if r == bench.rounds - 1 and llmkits else None
+        done = anchor_finetune(bench, f"anchor round {r + 1} ({GROUPED}{' + accuracy' if config else ''})", GROUPED,
+                               *grouped, accuracy_args(config) if config else ["--no-accuracy"])
         timed.update(done["throughput"])
-        if last:
-            accuracy.update(done["accuracy"][accuracy_config()])
+        if config:
+            accuracy.update(done["accuracy"][config])
         return timed
 
     def llmkit(r: int) -> dict:
@@ -82,8 +83,7 @@ def run(bench: Bench) -> Outcome:
     if not accuracy:  # a single round: the accuracy run in a process of its own
         config = accuracy_config()
         accuracy.update(anchor_finetune(bench, f"anchor accuracy run ({config})", config, WARMUP + 1, WARMUP,
-                                        ["--acc-config", config, "--subset", rows,
-                                         "--lr", LEARNING_RATE])["accuracy"][config])
+                                        accuracy_args(config))["accuracy"][config])
     return compare(rounds["anchor"], rounds["llmkit"], accuracy)
 
 

@@ -428,11 +428,11 @@ def _dropout_scale(x: torch.Tensor, p: float, scale: float = 1.0) -> torch.Tenso
     import numpy as np
 
     draws, threshold = _dropout_draws(x, p)
-    keep = draws.numpy() >= threshold
     if x.dtype == torch.float32:
-        return torch.from_numpy(np.multiply(keep, np.float32(scale), dtype=np.float32))
-    bits = np.int16(torch.tensor(scale, dtype=torch.bfloat16).view(torch.int16).item())  # bf16(scale) as int16
-    return torch.from_numpy(np.multiply(keep, bits, dtype=np.int16)).view(torch.bfloat16)
+        factor, stored = np.float32(scale), np.float32
+    else:  # numpy has no bf16: the factors as int16 bit patterns of bf16(scale), viewed back as bf16
+        factor, stored = np.int16(torch.tensor(scale, dtype=torch.bfloat16).view(torch.int16).item()), np.int16
+    return torch.from_numpy(np.multiply(draws.numpy() >= threshold, factor, dtype=stored)).view(x.dtype)
 
 
 class FastDropout(torch.nn.Module):
