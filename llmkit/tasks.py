@@ -438,7 +438,8 @@ def _dropout_scale(x: torch.Tensor, p: float, scale: float = 1.0) -> torch.Tenso
 class FastDropout(torch.nn.Module):
     """Dropout as nn.Dropout computes it (zero each element with probability p, scale the rest by 1/(1-p)), with
     the cheaper random source of _dropout_keep, seeded from the global torch generator: seeded and resumed runs
-    stay exact."""
+    stay exact. Under torch.compile it is nn.Dropout's own: the compiler fuses its random draws into the kernel
+    around them, and numpy's draws would break the graph."""
 
     def __init__(self, p: float):
         super().__init__()
@@ -447,6 +448,8 @@ class FastDropout(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
+        if torch.compiler.is_compiling():
+            return torch.nn.functional.dropout(x, self.p, training=True)
         if self.p >= 1:
             return x * 0
         return x * _dropout_scale(x, self.p, 1 / (1 - self.p))
@@ -467,10 +470,10 @@ def _attention_with_fast_dropout(module, query, key, value, attention_mask, drop
     (the softmax computes in fp32 and rounds once): under bf16 autocast, the forward numerics of transformers'
     eager attention up to where the causal path rounds the scaled product, and a backward pass that uses the
     rounded probabilities. Anything else (no dropout, another device, a cache longer than the queries, extra
-    features) goes to SDPA unchanged."""
+    features, a model being compiled, whose compiler fuses SDPA's dropout itself) goes to SDPA unchanged."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
-    if not dropout or query.device.type != "cpu" or query.shape[-2] != key.shape[-2] \
+    if not dropout or query.device.type != "cpu" or query.shape[-2] != key.shape[-2] or torch.compiler.is_compiling() \
             or any(kwargs.get(k) is not None for k in ("position_bias", "softcap", "sliding_window")):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
@@ -536,6 +539,19 @@ def use_fast_dropout(model: torch.nn.Module) -> int:
                 setattr(module, name, FastDropout(child.p))
                 swapped += 1
     return swapped
+
+
+def compile_for_training(model: torch.nn.Module, objective: str) -> None:
+    """torch.compile, in place, the modules a training step calls: the model itself, and for a masked LM the
+    base model and the head that _masked_logits calls apart. In place (nn.Module.compile), the model keeps its
+    class, attributes and state-dict keys, so the paths that reach into it (the fused causal-LM loss, the
+    masked-logits head, DDP, saving) see the model they expect, now running compiled."""
+    model.compile()
+    if objective == "mlm":
+        for name in (model.base_model_prefix, "cls", "lm_head"):
+            part = getattr(model, name, None)
+            if isinstance(part, torch.nn.Module) and part is not model:
+                part.compile()
 
 
 # transformers' sequence classifiers whose head reads the first token's final hidden state only (BertPooler,

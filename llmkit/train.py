@@ -31,7 +31,7 @@ from llmkit import display
 from llmkit.errors import LlmkitError, UsageError
 from llmkit.evaluation import evaluate_model
 from llmkit.rundir import RunDir
-from llmkit.tasks import Masking, batch_loss
+from llmkit.tasks import Masking, batch_loss, compile_for_training, use_fast_attention, use_fast_dropout
 
 
 class Interrupted(LlmkitError):
@@ -295,8 +295,6 @@ def fit(job: TrainJob) -> dict[str, Any]:
         enable()
     base_model.to(accelerator.device)
     if accelerator.device.type == "cpu":
-        from llmkit.tasks import use_fast_attention, use_fast_dropout
-
         use_fast_dropout(base_model)
         use_fast_attention(base_model)
     optimizer = make_optimizer(base_model, plan.learning_rate, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2))
@@ -331,7 +329,9 @@ def fit(job: TrainJob) -> dict[str, Any]:
             state.update({k: loaded.get(k, v) for k, v in state.items()})
         run.start(resume=bool(cfg.resume), overwrite=cfg.overwrite,
                   keep_metrics_until=start_step if cfg.resume else None)
-        model = torch.compile(base_model) if cfg.compile else base_model
+        if cfg.compile:
+            compile_for_training(base_model, job.objective)
+        model = base_model
         model, optimizer = accelerator.prepare(model, optimizer)
         if cfg.report_to:
             accelerator.init_trackers("llmkit", config={k: v for k, v in vars(cfg).items()
