@@ -109,7 +109,7 @@ class TrainSettings(LaunchSettings, DataSettings):
                                  "CPUs whose bf16 matrix products measure faster than fp32's, as with AMX), "
                                  "else fp32.",
                          choices=("auto", "fp32", "bf16", "fp16"))
-    compile: bool = opt(False, "Compile the model with torch.compile (slower start; on a CPU llmkit's eager path measured faster).")
+    compile: bool = opt(False, "Compile the model with torch.compile (slower start; here the eager path is faster).")
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
     eval_every: Optional[int] = opt(None, "Evaluate every N steps (default: about 10 times per run).",
                                     check="positive")
