@@ -374,11 +374,16 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     return _LinearCrossEntropy.apply(hidden, weight, targets, dtype, chunk)
 
 
+def _masked_lm_parts(model) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
+    """A masked LM's base model and vocabulary head, which _masked_logits calls apart (None where it has none)."""
+    return (getattr(model, model.base_model_prefix, None),
+            getattr(model, "cls", None) or getattr(model, "lm_head", None))
+
+
 def _masked_logits(model, input_ids: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
     """Vocabulary logits at the selected positions only: the loss is the same as from all positions, and the
     output projection - the largest matrix product of a small masked LM - runs on ~15% of the tokens."""
-    head = getattr(model, "cls", None) or getattr(model, "lm_head", None)
-    base = getattr(model, model.base_model_prefix, None)
+    base, head = _masked_lm_parts(model)
     attention_mask = torch.ones_like(input_ids)
     if head is not None and base is not None:
         hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -547,11 +552,10 @@ def compile_for_training(model: torch.nn.Module, objective: str) -> None:
     class, attributes and state-dict keys, so the paths that reach into it (the fused causal-LM loss, the
     masked-logits head, DDP, saving) see the model they expect, now running compiled."""
     model.compile()
-    if objective == "mlm":
-        for name in (model.base_model_prefix, "cls", "lm_head"):
-            part = getattr(model, name, None)
-            if isinstance(part, torch.nn.Module) and part is not model:
-                part.compile()
+    base, head = _masked_lm_parts(model)
+    if objective == "mlm" and base is not None and head is not None:  # as _masked_logits calls them
+        base.compile()
+        head.compile()
 
 
 # transformers' sequence classifiers whose head reads the first token's final hidden state only (BertPooler,

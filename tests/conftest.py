@@ -113,6 +113,21 @@ def mlm_run(shakespeare, wordpiece_dir, tmp_path_factory) -> tuple[Path, dict]:
     return out, metrics
 
 
+def write_topics(path: Path, rows: int = 300) -> Path:
+    """A CSV of three topics (weather, court, war), two words each, in a fixed sentence: a classification task
+    that a tiny model learns in a few epochs."""
+    import numpy as np
+
+    words = {"sun": "weather", "rain": "weather", "king": "court", "queen": "court", "sword": "war", "battle": "war"}
+    rng = np.random.default_rng(0)
+    lines = ["text,label"]
+    for _ in range(rows):
+        w = rng.choice(list(words))
+        lines.append(f"the {w} came and the {w} went,{words[w]}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def read_metrics(run: Path) -> list[dict]:
     import json
 

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import write_topics
 
 from llmkit.api import classify, evaluate, finetune
 from llmkit.config import ClassifyConfig, EvaluateConfig, FinetuneConfig, build_config
@@ -129,14 +130,7 @@ def test_auto_threshold_maximises_each_labels_f1():
 
 def test_string_labels_multiclass_from_llmkit_pretrained_model(mlm_run, tmp_path):
     run, _ = mlm_run
-    rows = ["text,label"]
-    words = {"sun": "weather", "rain": "weather", "king": "court", "queen": "court", "sword": "war", "battle": "war"}
-    rng = np.random.default_rng(0)
-    for _ in range(300):
-        w = rng.choice(list(words))
-        rows.append(f"the {w} came and the {w} went,{words[w]}")
-    data = tmp_path / "topics.csv"
-    data.write_text("\n".join(rows) + "\n")
+    data = write_topics(tmp_path / "topics.csv")
     out = tmp_path / "topics"
     metrics = _finetune(model=str(run), data=[str(data)], output=str(out), epochs=3, learning_rate=3e-3,
                         global_batch_size=16, validation_split=0.2)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import kill_and_resume, read_metrics, tiny_pretrain
+from conftest import kill_and_resume, read_metrics, tiny_pretrain, write_topics
 from safetensors.torch import load_file
 
 from llmkit.tasks import make_masking
@@ -165,13 +165,10 @@ def test_compile_trains_each_objective_with_dropout(shakespeare, tokenizer_dir, 
         assert counters["stats"]["unique_graphs"] > 0, objective
         losses = _losses(tmp_path / objective)
         assert losses[-1] < losses[0] - 0.15, (objective, losses)  # 20 steps from ~ln(1000) = 6.9
-    rows = ["text,label"] + [f"the {w} came and the {w} went,{label}" for w, label in
-                             [("sun", "weather"), ("king", "court"), ("sword", "war")] * 60]
-    (tmp_path / "topics.csv").write_text("\n".join(rows) + "\n")
     torch._dynamo.reset()
     counters.clear()
     metrics = finetune(build_config(FinetuneConfig, flags=dict(
-        model=str(tmp_path / "mlm"), data=[str(tmp_path / "topics.csv")], output=str(tmp_path / "topics"),
+        model=str(tmp_path / "mlm"), data=[str(write_topics(tmp_path / "topics.csv"))], output=str(tmp_path / "topics"),
         max_steps=8, learning_rate=3e-3, global_batch_size=16, validation_split=0, compile=True, quiet=True)))
     assert counters["stats"]["unique_graphs"] > 0
     assert math.isfinite(metrics["train_loss"])  # compiled and eager fine-tuning (3 epochs) scored the same here
