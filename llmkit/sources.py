@@ -25,6 +25,12 @@ TEXT_COLUMNS = ("text", "sentence", "content", "document", "review", "sentence1"
 LABEL_COLUMNS = ("label", "labels", "category", "class", "target", "genre")
 TOKENIZED_MARKER = "llmkit_dataset.json"
 CHUNK_BYTES = 1 << 23
+# GLUE-style .tsv files: tab-separated, no quoting (a quote mark is text); .csv files: RFC 4180 quoting
+TSV_DIALECT = {"delimiter": "\t", "quoting": csv.QUOTE_NONE}
+CSV_DIALECT = {"delimiter": ",", "quoting": csv.QUOTE_MINIMAL}
+# Only an empty cell is missing: pandas' default list would also read the text "NA", "N/A", "null", "None" or
+# "nan" - a sentence, or a label so named - as a missing value
+PANDAS_CELLS = {"keep_default_na": False, "na_values": [""]}
 
 
 @dataclass
@@ -215,8 +221,8 @@ def _load_one(source: Source, trust_remote_code: bool):
     for suffix, files in groups.items():
         builder = BUILDERS[suffix]
         kwargs = {}
-        if suffix == ".tsv":
-            kwargs = {"delimiter": "\t", "quoting": 3}  # GLUE-style TSV: no quoting
+        if builder == "csv":
+            kwargs = {**(TSV_DIALECT if suffix == ".tsv" else CSV_DIALECT), **PANDAS_CELLS}
         if builder != "parquet":
             for path in files:
                 check_utf8(path)
@@ -241,7 +247,7 @@ def _load_one(source: Source, trust_remote_code: bool):
 def read_file_table(source: Source):
     """A table read once and kept nowhere (`classify --file`): one local .csv, .tsv, .jsonl or .parquet file is
     read by pyarrow alone, without importing `datasets` (0.6-0.9 s of start-up) or writing its cache; its cells
-    stay text as written (pandas, under `datasets`, would turn the text "NA" or "null" into a missing value).
+    stay text as written, as load_table reads them (an empty cell is "" here and missing there).
     Any other source, and a file that pyarrow cannot read or that holds no rows, goes through load_table, whose
     errors name the problem (and pandas reads the cells). Returns a pyarrow Table or a datasets.Dataset: both
     have column_names and index by column name."""
@@ -276,13 +282,14 @@ def _pyarrow_table(path: Path):
         return pj.read_json(path)
     import pyarrow.csv as pc
 
-    tsv = suffix == ".tsv"
+    dialect = TSV_DIALECT if suffix == ".tsv" else CSV_DIALECT
     with open(path, encoding="utf-8-sig", newline="") as f:  # as GLUE's .tsv files and pandas read them
-        header = next(csv.reader(f, delimiter="\t" if tsv else ",",
-                                 quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL), None)
+        header = next(csv.reader(f, **dialect), None)
     if not header or "" in header or len(set(header)) < len(header):  # pandas: "Unnamed: 0", "a.1"
         return None
-    parse = pc.ParseOptions(delimiter="\t", quote_char=False) if tsv else pc.ParseOptions(newlines_in_values=True)
+    quoted = dialect["quoting"] != csv.QUOTE_NONE
+    parse = pc.ParseOptions(delimiter=dialect["delimiter"], quote_char='"' if quoted else False,
+                            newlines_in_values=quoted)
     return pc.read_csv(path, parse_options=parse,
                        convert_options=pc.ConvertOptions(column_types={name: pa.string() for name in header}))
 

@@ -113,11 +113,21 @@ def test_classification_labels(tmp_path, tokenizer_dir):
     with pytest.raises(UsageError, match="no column 'txt'"):
         pipeline.prepare_classification([str(f)], tokenizer, None, text_column="txt", text_pair_column=None,
                                         label_column=None, max_length=32)
+    named = tmp_path / "named.tsv"  # pandas' defaults would read these texts and labels as missing values
+    named.write_text("sentence\tlabel\nnull\tNone\nNA\tNA\nnan\tNone\n")
+    numbers = tmp_path / "numbers.csv"  # a text column of numbers only, which pandas reads as integers
+    numbers.write_text("text,label\n12,a\n7,b\n")
+    for path, texts, names, ids in ((named, ["null", "NA", "nan"], ["NA", "None"], [1, 0, 1]),
+                                    (numbers, ["12", "7"], ["a", "b"], [0, 1])):
+        ds, labels = pipeline.prepare_classification([str(path)], tokenizer, None, text_column=None,
+                                                     text_pair_column=None, label_column=None, max_length=32)
+        assert labels.names == names and ds["labels"] == ids
+        assert ds["input_ids"] == tokenizer(texts)["input_ids"]
 
 
 def test_file_tables_read_by_pyarrow_alone_match_datasets(shared, tmp_path):
     """classify --file reads .tsv/.csv/.jsonl/.parquet with pyarrow alone: the same rows and cells as load_table
-    (datasets), except that text stays text where pandas would make a missing value of "NA"."""
+    (datasets), except that an empty cell is "" where pandas makes it a missing value."""
     import subprocess
     import sys
 
@@ -144,7 +154,7 @@ def test_file_tables_read_by_pyarrow_alone_match_datasets(shared, tmp_path):
         assert len(got) == len(want) == {sst2: 872, quoted: 5, lines: 3, parquet: 2, crlf: 2}[path]
         if path == quoted:
             assert got[:3] == want[:3] == ["a, comma", 'two\nlines, "quoted"', "\u00e9t\u00e9 \u2713"]
-            assert got[3:] == ["", "NA"] and want[3:] == [None, None]  # pandas' missing values
+            assert got[3:] == ["", "NA"] and want[3:] == [None, "NA"]  # only the empty cell is missing to pandas
         else:
             assert got == want
     script = ("import sys; from llmkit.predict import read_texts; "
