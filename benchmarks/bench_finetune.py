@@ -1,4 +1,4 @@
-"""Fine-tuning all-MiniLM-L6-v2 on SST-2, batch 32.
+"""Fine-tuning all-MiniLM-L6-v2 on SST-2, batch 32: throughput.
 
 Each round runs anchor_finetune.py twice - config a (run_glue's default: pad to 128, fp32; 25 steps, the first 10
 warm-up, as its steps are slow and steady) and configs c (dynamic padding + bf16 + group_by_length) and c32 (c in
@@ -7,13 +7,12 @@ fp32, the best Trainer configuration on CPUs whose bf16 products are slow) with 
 (dynamic padding + bf16, no length grouping: never the best, so no goal rests on it) joins a in the first round -
 then `llmkit finetune` (its defaults: --precision auto, dynamic padding, length grouping) for one epoch on the
 anchor's accuracy subset: the first 8,000 rows of train.tsv shuffled with seed 42, as anchor_finetune.py picks them,
-written to a file. llmkit logs every 25 steps; the first window is skipped. Equal work: the last round's c, c32
-process then trains config c (c32 when llmkit trained in fp32) for one epoch on the same 8,000 rows and reports
-accuracy on test.tsv (a process of its own after a single round); llmkit's runs do the same (same learning rate
-1e-4, linear decay, no warm-up, no weight decay, max length 128). Real (unpadded) tokens per sample are compared
-too: llmkit's must be no fewer than the anchor's (timing whole megabatches, the anchor's window averages the data's
-lengths; steps 11-100 would skip the longest batches and average 11.8 tokens against the data's 13.3); real
-tokens/s, the ratio corrected for lengths, is shown beside.
+written to a file (same learning rate 1e-4, linear decay, no warm-up, no weight decay, max length 128). llmkit logs
+every 25 steps; the first window is skipped. Equal work: real (unpadded) tokens per sample - llmkit's must be no
+fewer than the anchor's (timing whole megabatches, the anchor's window averages the data's lengths; steps 11-100
+would skip the longest batches and average 11.8 tokens against the data's 13.3); real tokens/s, the ratio corrected
+for lengths, is shown beside. Accuracy, which one seed cannot settle, is the `accuracy` benchmark's (bench_accuracy:
+the same runs, over several seeds).
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import csv
 import json
 
 from harness import (ANCHORS, DATA, LLMKIT, MINILM, NO_EVAL_OR_CHECKPOINT, PYTHON, ROOT, TRAINER_OPTIMIZER, Bench,
-                     Outcome, alternate, at_least, info, median, precision_of, training_figures, within_points)
+                     Outcome, alternate, at_least, info, median, precision_of, training_figures)
 
 WORKLOAD = "Fine-tuning MiniLM SST-2"
 SST2 = f"{DATA}/sst2"
@@ -34,7 +33,7 @@ GROUPED = "c,c32"  # the length-grouped configurations, timed over whole megabat
 LEARNING_RATE = 1e-4  # llmkit's default for this model; the anchors' README shows it beats their 2e-5
 CONFIGS = {"a": "(a) run_glue default: pad 128, fp32", "b": "(b) dynamic padding + bf16",
            "c": "(c) b + group_by_length", "c32": "(c32) c in fp32"}
-GOAL_VS_A, GOAL_VS_BEST, ACCURACY_POINTS, TOKENS_TOLERANCE = 25, 1.3, 0.5, 0.05
+GOAL_VS_A, GOAL_VS_BEST, TOKENS_TOLERANCE = 25, 1.3, 0.05
 
 
 def default_rounds(quick: bool) -> int:
@@ -46,45 +45,32 @@ def run(bench: Bench) -> Outcome:
     steps_a = WARMUP + 1 if bench.quick else 25
     grouped = (WARMUP + 2, WARMUP) if bench.quick else (3 * MEGABATCH, MEGABATCH)  # steps, warm-up
     log_every = 4 if bench.quick else 25
-    subset = write_anchor_subset(bench.work / "train-subset.tsv", rows)
-    llmkits: list[dict] = []
-    accuracy: dict = {}
-
-    def accuracy_config() -> str:
-        return "c32" if precision_of(llmkits) == "fp32" else "c"  # the Trainer in llmkit's precision
-
-    def accuracy_args(config: str) -> list:
-        return ["--acc-config", config, "--subset", rows, "--lr", LEARNING_RATE]
+    subset = write_anchor_subset(bench.work / "train-subset.tsv", rows, SEED)
 
     def anchor(r: int) -> dict:
         short = "a,b" if r == 0 else "a"  # b's order is not length-grouped: a short window times its lengths
         timed = anchor_finetune(bench, f"anchor round {r + 1} ({short})", short, steps_a, WARMUP,
                                 ["--no-accuracy"])["throughput"]
-        # the last round's process also trains the accuracy run, once llmkit's precision is known
-        config = accuracy_config() if r == bench.rounds - 1 and llmkits else None
-        done = anchor_finetune(bench, f"anchor round {r + 1} ({GROUPED}{' + accuracy' if config else ''})", GROUPED,
-                               *grouped, accuracy_args(config) if config else ["--no-accuracy"])
-        timed.update(done["throughput"])
-        if config:
-            accuracy.update(done["accuracy"][config])
+        timed.update(anchor_finetune(bench, f"anchor round {r + 1} ({GROUPED})", GROUPED, *grouped,
+                                     ["--no-accuracy"])["throughput"])
         return timed
 
     def llmkit(r: int) -> dict:
-        output = bench.work / f"run-{r + 1}"
-        bench.run(f"llmkit round {r + 1}", [
-            *LLMKIT, "finetune", "--model", MINILM, "--data", subset, "--eval-data", f"{SST2}/test.tsv",
-            "--epochs", 1, "--global-batch-size", BATCH, "--max-length", MAX_LENGTH, "--learning-rate",
-            LEARNING_RATE, *TRAINER_OPTIMIZER, *NO_EVAL_OR_CHECKPOINT, "--log-every", log_every,
-            "--precision", "auto", "--validation-split", 0, "--output", output, "--overwrite", "--quiet"])
-        llmkits.append(training_figures(output, "samples_per_second"))
-        return llmkits[-1]
+        return llmkit_finetune(bench, f"llmkit round {r + 1}", subset, bench.work / f"run-{r + 1}", log_every, SEED)
 
     rounds = alternate(bench.rounds, {"anchor": anchor, "llmkit": llmkit})
-    if not accuracy:  # a single round: the accuracy run in a process of its own
-        config = accuracy_config()
-        accuracy.update(anchor_finetune(bench, f"anchor accuracy run ({config})", config, WARMUP + 1, WARMUP,
-                                        accuracy_args(config))["accuracy"][config])
-    return compare(rounds["anchor"], rounds["llmkit"], accuracy)
+    return compare(rounds["anchor"], rounds["llmkit"], rows)
+
+
+def llmkit_finetune(bench: Bench, label: str, subset, output, log_every: int, seed: int) -> dict:
+    """`llmkit finetune` with its defaults for one epoch on `subset`, scored on test.tsv at the end, with the
+    anchor's batch, learning rate, schedule and maximum length; its training figures."""
+    bench.run(label, [
+        *LLMKIT, "finetune", "--model", MINILM, "--data", subset, "--eval-data", f"{SST2}/test.tsv",
+        "--epochs", 1, "--global-batch-size", BATCH, "--max-length", MAX_LENGTH, "--learning-rate",
+        LEARNING_RATE, *TRAINER_OPTIMIZER, *NO_EVAL_OR_CHECKPOINT, "--log-every", log_every,
+        "--precision", "auto", "--validation-split", 0, "--seed", seed, "--output", output, "--overwrite", "--quiet"])
+    return training_figures(output, "samples_per_second")
 
 
 def anchor_finetune(bench: Bench, label: str, configs: str, steps: int, warmup: int, extra: list) -> dict:
@@ -94,16 +80,16 @@ def anchor_finetune(bench: Bench, label: str, configs: str, steps: int, warmup: 
     return json.loads(out.read_text())
 
 
-def write_anchor_subset(path, rows: int):
-    """The rows anchor_finetune.py trains on for accuracy: train.tsv read as it reads it, then
-    Dataset.shuffle(seed=42).select(range(rows)) - shuffling row numbers gives the same permutation."""
+def write_anchor_subset(path, rows: int, seed: int):
+    """The rows anchor_finetune.py trains on for accuracy with --seed `seed`: train.tsv read as it reads it, then
+    Dataset.shuffle(seed=seed).select(range(rows)) - shuffling row numbers gives the same permutation."""
     from datasets import Dataset
 
     with open(ROOT / SST2 / "train.tsv", encoding="utf-8", newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         header = next(reader)
         records = list(reader)
-    order = Dataset.from_dict({"row": list(range(len(records)))}).shuffle(seed=SEED).select(
+    order = Dataset.from_dict({"row": list(range(len(records)))}).shuffle(seed=seed).select(
         range(min(rows, len(records))))["row"]
     with open(path, "w", encoding="utf-8", newline="") as f:
         f.write("\t".join(header) + "\n")
@@ -118,34 +104,28 @@ def real_tokens_per_sample(figures: dict) -> float:
     return sum(s * w["tokens_per_second"] / w["samples_per_second"] for s, w in timed) / sum(s for s, _ in timed)
 
 
-def compare(anchors: list[dict], llmkits: list[dict], accuracy: dict) -> Outcome:
+def compare(anchors: list[dict], llmkits: list[dict], subset_rows: int) -> Outcome:
     sps = median([l["rate"] for l in llmkits])
     anchor_sps = {name: median([a[name]["samples_per_s"] for a in anchors if name in a]) for name in CONFIGS}
     best = max(anchor_sps, key=anchor_sps.get)
     rows = [at_least(WORKLOAD, f"samples/s vs {desc}", sps, anchor_sps[name], "samples/s",
                      GOAL_VS_A if name == "a" else GOAL_VS_BEST if name == best else None,
                      note="the best Trainer configuration" if name == best else "") for name, desc in CONFIGS.items()]
-    llmkit_accuracy = median([l["eval"]["eval_accuracy"] for l in llmkits])
-    steps = llmkits[0]["plan"]["steps"]
-    mismatch = "" if steps == accuracy["steps"] else f"STEPS DIFFER: llmkit {steps}, anchor {accuracy['steps']}"
-    rows.append(within_points(WORKLOAD, f"equal work: test accuracy after {accuracy['train_examples']:,} rows, "
-                                        f"{steps} steps (vs {accuracy['config']})", llmkit_accuracy,
-                              accuracy["test_accuracy"],
-                              ACCURACY_POINTS, note=mismatch))
     llmkit_tokens = median([real_tokens_per_sample(l) for l in llmkits])
     anchor_tokens = median([r["real_tokens_per_step"] / BATCH for a in anchors for r in a["c"]["rounds"]])
     rows.append(at_least(WORKLOAD, "equal work: real tokens per sample (vs c), at least", llmkit_tokens,
                          anchor_tokens, "tok", 1 - TOKENS_TOLERANCE,
                          note="the anchor's timed steps 51-150 of its length-grouped order over all of train.tsv; "
-                              "llmkit's epoch over the 8,000 rows"))
+                              f"llmkit's epoch over the {subset_rows:,} rows"))
     anchor_real_tps = median([a["c"]["real_tokens_per_s"] for a in anchors])
     rows.append(info(WORKLOAD, "real (unpadded) tokens/s vs (c)", sps * llmkit_tokens, anchor_real_tps, "tok/s",
                      note="the samples/s ratio corrected for the samples' lengths"))
-    figures = {"rows": accuracy["train_examples"], "steps": steps, "timed_steps": llmkits[0]["timed_steps"],
-               "llmkit": {"samples_per_s": sps, "rounds": [l["rate"] for l in llmkits], "accuracy": llmkit_accuracy,
+    figures = {"rows": subset_rows, "steps": llmkits[0]["plan"]["steps"], "timed_steps": llmkits[0]["timed_steps"],
+               "llmkit": {"samples_per_s": sps, "rounds": [l["rate"] for l in llmkits],
+                          "precision": precision_of(llmkits),
                           "accuracies": [l["eval"]["eval_accuracy"] for l in llmkits],
                           "real_tokens_per_sample": llmkit_tokens,
                           "losses": [[w["loss"] for w in l["windows"]] for l in llmkits]},
-               "anchor": {"samples_per_s": anchor_sps, "best": best, "rounds": anchors, "accuracy_run": accuracy,
+               "anchor": {"samples_per_s": anchor_sps, "best": best, "rounds": anchors,
                           "real_tokens_per_sample_c": anchor_tokens}}
     return Outcome(rows, figures)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from rich.markup import escape
 
+import bench_accuracy
 import bench_classify
 import bench_clm
 import bench_finetune
@@ -28,8 +29,8 @@ import bench_sst2
 import bench_tokenize
 from harness import RESULTS, Bench, Row, console, print_table, write_json
 
-BENCHMARKS = {"clm": bench_clm, "mlm": bench_mlm, "finetune": bench_finetune, "tokenize": bench_tokenize,
-              "classify": bench_classify, "sst2": bench_sst2}
+BENCHMARKS = {"clm": bench_clm, "mlm": bench_mlm, "finetune": bench_finetune, "accuracy": bench_accuracy,
+              "tokenize": bench_tokenize, "classify": bench_classify, "sst2": bench_sst2}
 
 
 def parse_args() -> argparse.Namespace:
