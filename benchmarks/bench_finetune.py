@@ -62,14 +62,15 @@ def run(bench: Bench) -> Outcome:
     return compare(rounds["anchor"], rounds["llmkit"], rows)
 
 
-def llmkit_finetune(bench: Bench, label: str, subset, output, log_every: int, seed: int) -> dict:
+def llmkit_finetune(bench: Bench, label: str, subset, output, log_every: int, seed: int,
+                    precision: str = "auto") -> dict:
     """`llmkit finetune` with its defaults for one epoch on `subset`, scored on test.tsv at the end, with the
     anchor's batch, learning rate, schedule and maximum length; its training figures."""
     bench.run(label, [
         *LLMKIT, "finetune", "--model", MINILM, "--data", subset, "--eval-data", f"{SST2}/test.tsv",
         "--epochs", 1, "--global-batch-size", BATCH, "--max-length", MAX_LENGTH, "--learning-rate",
         LEARNING_RATE, *TRAINER_OPTIMIZER, *NO_EVAL_OR_CHECKPOINT, "--log-every", log_every,
-        "--precision", "auto", "--validation-split", 0, "--seed", seed, "--output", output, "--overwrite", "--quiet"])
+        "--precision", precision, "--validation-split", 0, "--seed", seed, "--output", output, "--overwrite", "--quiet"])
     return training_figures(output, "samples_per_second")
 
 

@@ -1,6 +1,6 @@
 """llmkit against the Hugging Face anchors (../shared/anchors), side by side: one table, one JSON file.
 
-    .venv/bin/python benchmarks/run.py                      # everything (make bench), about 60 minutes
+    .venv/bin/python benchmarks/run.py                      # everything (make bench), 40-55 minutes
     .venv/bin/python benchmarks/run.py --only clm,classify  # some of it
     .venv/bin/python benchmarks/run.py --quick              # a check of the harness: tiny runs, figures meaningless
 
@@ -40,8 +40,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true",
                     help="very few steps, rows and rounds: checks that the harness runs end to end, in minutes")
     ap.add_argument("--rounds", type=int, default=None,
-                    help="anchor/llmkit rounds per benchmark (default: 2 for training, 3 tokenize, 5 classify; "
-                         "1 with --quick)")
+                    help="anchor/llmkit rounds per benchmark (default: 2 for training, 3 seeds for accuracy, "
+                         "3 tokenize, 5 classify; 1 with --quick)")
     ap.add_argument("--output", type=Path, default=RESULTS / "results.json", help="where to write all figures")
     a = ap.parse_args()
     a.only = [name.strip() for name in a.only.split(",") if name.strip()]

@@ -413,8 +413,8 @@ def prepare_classification(data: list[str], tokenizer, labels: LabelSpace | None
     final = cache_root(cache_dir) / f"cls-{key}"
     if not (final / "dataset_info.json").is_file():
         label_ids = _map_labels(raw_labels, labels, label_separator, where) if raw_labels is not None else None
-        texts = [_text(t) for t in table[text_col]]
-        pairs = [_text(t) for t in table[pair_col]] if pair_col else None
+        texts = [src.cell_text(t) for t in table[text_col]]
+        pairs = [src.cell_text(t) for t in table[pair_col]] if pair_col else None
         encoded: dict[str, list] = {"input_ids": [], "token_type_ids": []}
         # In parts (each still a parallel batch for the fast tokenizer), to show progress.
         with display.StepProgress("tokenize", len(texts), unit="examples") as shown:
@@ -435,12 +435,6 @@ def prepare_classification(data: list[str], tokenizer, labels: LabelSpace | None
         with building(final) as tmp:
             datasets.Dataset.from_dict(columns).save_to_disk(str(tmp))
     return datasets.load_from_disk(str(final)), labels
-
-
-def _text(cell: Any) -> str:
-    """A text cell as the model reads it: a missing cell as no text, a number (a column pandas read as numbers) as
-    its digits."""
-    return "" if cell is None else cell if isinstance(cell, str) else str(cell)
 
 
 def _map_labels(values: list[Any], labels: LabelSpace, separator: str, where: str) -> list:

@@ -29,7 +29,7 @@ def read_texts(texts: list[str], file: str | None, text_column: str | None, stdi
             table = src.read_file_table(source)
             column = src.pick_column(table.column_names, text_column, src.TEXT_COLUMNS, "text", "--text-column",
                                      file)
-            out.extend("" if t is None else str(t) for t in _cells(table, column))
+            out.extend(map(src.cell_text, _cells(table, column)))
     if not out and not texts and file is None:
         raise UsageError('nothing to classify: give texts (llmkit classify "some text" --model DIR), --file FILE, '
                          "or - to read stdin")

@@ -176,6 +176,16 @@ def check_utf8(path: Path) -> None:
 # read once).
 
 
+def cell_text(cell) -> str:
+    """A table cell as text for a model: a missing cell as no text, a number (in a column pandas read as numbers)
+    as its digits - a whole float, which a column of numbers with an empty cell holds, without ".0"."""
+    if cell is None:
+        return ""
+    if isinstance(cell, str):
+        return cell
+    return str(int(cell)) if isinstance(cell, float) and cell.is_integer() else str(cell)
+
+
 def load_table(sources: list[Source], trust_remote_code: bool = False):
     """All sources as one `datasets.Dataset` (Arrow, memory-mapped)."""
     import datasets
@@ -247,7 +257,8 @@ def _load_one(source: Source, trust_remote_code: bool):
 def read_file_table(source: Source):
     """A table read once and kept nowhere (`classify --file`): one local .csv, .tsv, .jsonl or .parquet file is
     read by pyarrow alone, without importing `datasets` (0.6-0.9 s of start-up) or writing its cache; its cells
-    stay text as written, as load_table reads them (an empty cell is "" here and missing there).
+    stay text as written (load_table's do too, except that an empty cell is missing there and pandas reads a
+    column of numbers as numbers).
     Any other source, and a file that pyarrow cannot read or that holds no rows, goes through load_table, whose
     errors name the problem (and pandas reads the cells). Returns a pyarrow Table or a datasets.Dataset: both
     have column_names and index by column name."""
@@ -389,7 +400,7 @@ def iter_text_batches(sources: list[Source], text_column: str | None, sample_by:
                              lambda c: str(table.features[c]) == "Value('string')"
                              or getattr(table.features[c], "dtype", None) == "string")
         for batch in table.select_columns([column]).iter(batch_size=batch_size):
-            texts = [t for t in batch[column] if isinstance(t, str) and t.strip()]
+            texts = [t for t in map(cell_text, batch[column]) if t.strip()]
             if texts:
                 yield texts
 
