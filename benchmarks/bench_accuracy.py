@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import statistics
 
-from bench_finetune import LEARNING_RATE, SEED, SST2, anchor_finetune, llmkit_finetune, write_anchor_subset
+from bench_finetune import LEARNING_RATE, SEED, anchor_finetune, llmkit_finetune, write_anchor_subset
 from harness import Bench, Outcome, close, precision_of, within_points
 
 WORKLOAD = "Fine-tuning accuracy (seeds)"
@@ -44,7 +44,7 @@ def run(bench: Bench) -> Outcome:
         ours = llmkit_finetune(bench, f"llmkit seed {seed}", subset, bench.work / f"run-{seed}", log_every, seed,
                                precision)
         precision = ours["plan"]["precision"]
-        config = "c32" if ours["plan"]["precision"] == "fp32" else "c"
+        config = "c32" if precision == "fp32" else "c"
         theirs = anchor_finetune(bench, f"anchor seed {seed} ({config})", config, 2, 1,
                                  ["--acc-config", config, "--subset", rows, "--lr", LEARNING_RATE, "--seed", seed])
         pairs.append((seed, ours, theirs["accuracy"][config]))
