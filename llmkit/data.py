@@ -328,9 +328,7 @@ def label_names(value: Any, multi_label: bool, separator: str) -> list[str]:
             except json.JSONDecodeError:
                 pass
         return [part.strip() for part in text.split(separator) if part.strip()]
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    return [str(value).strip()]
+    return [src.cell_text(value).strip()]
 
 
 def infer_label_space(values: list[Any], multi_label: bool, separator: str,

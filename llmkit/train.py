@@ -331,8 +331,7 @@ def fit(job: TrainJob) -> dict[str, Any]:
                   keep_metrics_until=start_step if cfg.resume else None)
         if cfg.compile:
             compile_for_training(base_model, job.objective)
-        model = base_model
-        model, optimizer = accelerator.prepare(model, optimizer)
+        model, optimizer = accelerator.prepare(base_model, optimizer)
         if cfg.report_to:
             accelerator.init_trackers("llmkit", config={k: v for k, v in vars(cfg).items()
                                                         if isinstance(v, (int, float, str, bool))})
