@@ -35,7 +35,7 @@ from llmkit import sources as src
 from llmkit.errors import LlmkitError, UsageError
 from llmkit.tokenizer import fingerprint, separator_id, untruncated
 
-CACHE_VERSION = 2  # 2: .csv/.tsv cells such as "NA" or "null" stay text (see sources.PANDAS_CELLS)
+CACHE_VERSION = 3  # 2: .csv/.tsv cells such as "NA" or "null" stay text (sources.PANDAS_CELLS); 3: and "007"
 VALIDATION_SEED = 1234  # fixed, so that the held-out part is the same whatever the training seed
 PART = 2048  # texts per call of a batch encoder: large enough for its threads, small enough to show progress
 

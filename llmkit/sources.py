@@ -177,8 +177,8 @@ def check_utf8(path: Path) -> None:
 
 
 def cell_text(cell) -> str:
-    """A table cell as text for a model: a missing cell as no text, a number (in a column pandas read as numbers)
-    as its digits - a whole float, which a column of numbers with an empty cell holds, without ".0"."""
+    """A table cell as text for a model: a missing cell as no text, a number (a .jsonl, .parquet or Hub column of
+    numbers) as its digits - a whole float without ".0"."""
     if cell is None:
         return ""
     if isinstance(cell, str):
@@ -231,11 +231,16 @@ def _load_one(source: Source, trust_remote_code: bool):
     for suffix, files in groups.items():
         builder = BUILDERS[suffix]
         kwargs = {}
-        if builder == "csv":
-            kwargs = {**(TSV_DIALECT if suffix == ".tsv" else CSV_DIALECT), **PANDAS_CELLS}
         if builder != "parquet":
             for path in files:
                 check_utf8(path)
+        if builder == "csv":
+            dialect = TSV_DIALECT if suffix == ".tsv" else CSV_DIALECT
+            kwargs = {**dialect, **PANDAS_CELLS}
+            headers = {tuple(_csv_header(path, dialect) or ()) for path in files}
+            header = headers.pop() if len(headers) == 1 else None
+            if header:  # every cell as written: pandas would read a column of digits as numbers ("007" as 7)
+                kwargs["features"] = datasets.Features({name: datasets.Value("string") for name in header})
         if builder == "text":
             parts.append(datasets.Dataset.from_dict({"text": [d for p in files for d in text_documents(p, "line")]}))
             continue
@@ -257,8 +262,7 @@ def _load_one(source: Source, trust_remote_code: bool):
 def read_file_table(source: Source):
     """A table read once and kept nowhere (`classify --file`): one local .csv, .tsv, .jsonl or .parquet file is
     read by pyarrow alone, without importing `datasets` (0.6-0.9 s of start-up) or writing its cache; its cells
-    stay text as written (load_table's do too, except that an empty cell is missing there and pandas reads a
-    column of numbers as numbers).
+    stay text as written (load_table's do too, except that an empty cell is missing there).
     Any other source, and a file that pyarrow cannot read or that holds no rows, goes through load_table, whose
     errors name the problem (and pandas reads the cells). Returns a pyarrow Table or a datasets.Dataset: both
     have column_names and index by column name."""
@@ -294,15 +298,24 @@ def _pyarrow_table(path: Path):
     import pyarrow.csv as pc
 
     dialect = TSV_DIALECT if suffix == ".tsv" else CSV_DIALECT
-    with open(path, encoding="utf-8-sig", newline="") as f:  # as GLUE's .tsv files and pandas read them
-        header = next(csv.reader(f, **dialect), None)
-    if not header or "" in header or len(set(header)) < len(header):  # pandas: "Unnamed: 0", "a.1"
+    header = _csv_header(path, dialect)
+    if header is None:
         return None
     quoted = dialect["quoting"] != csv.QUOTE_NONE
     parse = pc.ParseOptions(delimiter=dialect["delimiter"], quote_char='"' if quoted else False,
                             newlines_in_values=quoted)
     return pc.read_csv(path, parse_options=parse,
                        convert_options=pc.ConvertOptions(column_types={name: pa.string() for name in header}))
+
+
+def _csv_header(path: Path, dialect: dict) -> list[str] | None:
+    """The column names of a .csv/.tsv file as pandas names them; None where pandas would rename them (no header,
+    an empty name: "Unnamed: 0", a repeated one: "a.1")."""
+    with open(path, encoding="utf-8-sig", newline="") as f:  # as GLUE's .tsv files and pandas read them
+        header = next(csv.reader(f, **dialect), None)
+    if not header or "" in header or len(set(header)) < len(header):
+        return None
+    return header
 
 
 @contextlib.contextmanager

@@ -115,10 +115,10 @@ def test_classification_labels(tmp_path, tokenizer_dir):
                                         label_column=None, max_length=32)
     named = tmp_path / "named.tsv"  # pandas' defaults would read these texts and labels as missing values
     named.write_text("sentence\tlabel\nnull\tNone\nNA\tNA\nnan\tNone\n")
-    numbers = tmp_path / "numbers.csv"  # a text column of numbers only, which pandas reads as numbers
-    numbers.write_text("text,label\n12,a\n7,b\n,a\n")  # with an empty cell: floats to pandas
+    numbers = tmp_path / "numbers.csv"  # columns of digits only, which pandas would read as numbers (7, 12.0)
+    numbers.write_text("text,label\n12,1\n007,2\n,1\n\u00e9,02\n")
     for path, texts, names, ids in ((named, ["null", "NA", "nan"], ["NA", "None"], [1, 0, 1]),
-                                    (numbers, ["12", "7", ""], ["a", "b"], [0, 1, 0])):
+                                    (numbers, ["12", "007", "", "\u00e9"], ["1", "02", "2"], [0, 2, 0, 1])):
         ds, labels = pipeline.prepare_classification([str(path)], tokenizer, None, text_column=None,
                                                      text_pair_column=None, label_column=None, max_length=32)
         assert labels.names == names and ds["labels"] == ids
