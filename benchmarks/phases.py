@@ -1,0 +1,66 @@
+"""Where a training step's time goes: wall time of each phase of llmkit's own step, around the functions it calls.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/phases.py [--skip 5] finetune --model ... --max-steps 80 ...
+
+Runs any llmkit training command (its arguments as on the command line) in this process and prints the median,
+25th and 75th percentile milliseconds of: the whole step (train.train_step), the forward pass with the loss
+(train.batch_loss, once per micro-batch), the backward pass (Accelerator.backward, once per micro-batch), and
+clipping with the optimizer step (train.clipped_step). The first `--skip` steps (one-off set-up) are left out.
+perf_counter around the calls, not torch.profiler, which inflates memory-bound operations on small CPUs.
+Not part of `make bench`: it times pieces, not workloads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+
+import numpy as np
+from accelerate import Accelerator
+
+import llmkit.train as train
+from llmkit.cli import main as llmkit_main
+
+PHASES = {"step": (train, "train_step"), "forward + loss": (train, "batch_loss"),
+          "backward": (Accelerator, "backward"), "clip + optimizer": (train, "clipped_step")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("--skip", type=int, default=5, help="first steps left out (default 5)")
+    args, command = parser.parse_known_args()
+    seconds: dict[str, list[tuple[float, int]]] = defaultdict(list)  # (seconds, step)
+    done = {"steps": 0}
+
+    def timed(name: str, call):
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            try:
+                return call(*a, **k)
+            finally:
+                seconds[name].append((time.perf_counter() - start, done["steps"]))
+                done["steps"] += name == "step"
+        return wrapper
+
+    for name, (owner, attribute) in PHASES.items():
+        setattr(owner, attribute, timed(name, getattr(owner, attribute)))
+    try:
+        llmkit_main(command)  # as the `llmkit` command runs it: a bad argument is one line and an exit status
+    finally:
+        if seconds["step"]:
+            report(seconds, args.skip)
+
+
+def report(seconds: dict[str, list[tuple[float, int]]], skip: int) -> None:
+    print(f"{'phase':18s} {'calls':>6s} {'median ms':>10s} {'p25':>8s} {'p75':>8s}")
+    for name in PHASES:
+        kept = np.array([s for s, step in seconds[name] if step >= skip]) * 1e3
+        if len(kept):
+            p25, median, p75 = np.percentile(kept, [25, 50, 75])
+            print(f"{name:18s} {len(kept):6d} {median:10.1f} {p25:8.1f} {p75:8.1f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
