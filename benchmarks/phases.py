@@ -6,7 +6,8 @@ Runs any llmkit training command (its arguments as on the command line) in this 
 25th and 75th percentile milliseconds of: the whole step (train.train_step), the forward pass with the loss
 (train.batch_loss, once per micro-batch), the backward pass (Accelerator.backward, once per micro-batch), and
 clipping with the optimizer step (train.clipped_step). The first `--skip` steps (one-off set-up) are left out.
-perf_counter around the calls, not torch.profiler, which inflates memory-bound operations on small CPUs.
+perf_counter around the calls (on a CPU; a GPU's calls return before its kernels finish), not torch.profiler,
+which inflates memory-bound operations on small CPUs. One process: a run of several has children not timed here.
 Not part of `make bench`: it times pieces, not workloads.
 """
 
@@ -28,9 +29,14 @@ PHASES = {"step": (train, "train_step"), "forward + loss": (train, "batch_loss")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                     usage="phases.py [--skip N] COMMAND [llmkit's arguments]")
     parser.add_argument("--skip", type=int, default=5, help="first steps left out (default 5)")
-    args, command = parser.parse_known_args()
+    argv, first = sys.argv[1:], 0
+    while first < len(argv) and argv[first].startswith("-"):  # this script's options come before the command
+        first += 2 if argv[first] == "--skip" else 1
+    args = parser.parse_args(argv[:first])
+    command = argv[first:]
     seconds: dict[str, list[tuple[float, int]]] = defaultdict(list)  # (seconds, step)
     done = {"steps": 0}
 
@@ -51,6 +57,8 @@ def main() -> None:
     finally:
         if seconds["step"]:
             report(seconds, args.skip)
+        elif command:  # several processes run in children of their own, which this process does not time
+            print("no training step ran in this process: time one process (no --num-processes, no launcher)")
 
 
 def report(seconds: dict[str, list[tuple[float, int]]], skip: int) -> None:

@@ -177,8 +177,8 @@ def check_utf8(path: Path) -> None:
 
 
 def cell_text(cell) -> str:
-    """A table cell as text for a model: a missing cell as no text, a number (a .jsonl, .parquet or Hub column of
-    numbers) as its digits - a whole float without ".0"."""
+    """A table cell as text for a model: a missing cell as no text, a number (from a .json/.jsonl, .parquet, saved or
+    Hub column of numbers; .csv/.tsv cells are read as text) as its digits - a whole float without ".0"."""
     if cell is None:
         return ""
     if isinstance(cell, str):
@@ -188,8 +188,6 @@ def cell_text(cell) -> str:
 
 def load_table(sources: list[Source], trust_remote_code: bool = False):
     """All sources as one `datasets.Dataset` (Arrow, memory-mapped)."""
-    import datasets
-
     parts = [_load_one(s, trust_remote_code) for s in sources]
     if len(parts) == 1:
         return parts[0]
@@ -198,7 +196,7 @@ def load_table(sources: list[Source], trust_remote_code: bool = False):
         if set(part.column_names) != columns:
             raise LlmkitError(f"{s.name} has columns {sorted(part.column_names)} but {sources[0].name} has "
                               f"{sorted(columns)}: give sources with the same columns")
-    return datasets.concatenate_datasets(parts)
+    return _concatenated(parts)
 
 
 def _load_one(source: Source, trust_remote_code: bool):
@@ -234,17 +232,13 @@ def _load_one(source: Source, trust_remote_code: bool):
         if builder != "parquet":
             for path in files:
                 check_utf8(path)
-        if builder == "csv":
-            dialect = TSV_DIALECT if suffix == ".tsv" else CSV_DIALECT
-            kwargs = {**dialect, **PANDAS_CELLS}
-            headers = {tuple(_csv_header(path, dialect) or ()) for path in files}
-            header = headers.pop() if len(headers) == 1 else None
-            if header:  # every cell as written: pandas would read a column of digits as numbers ("007" as 7)
-                kwargs["features"] = datasets.Features({name: datasets.Value("string") for name in header})
         if builder == "text":
             parts.append(datasets.Dataset.from_dict({"text": [d for p in files for d in text_documents(p, "line")]}))
             continue
         try:
+            if builder == "csv":
+                dialect = TSV_DIALECT if suffix == ".tsv" else CSV_DIALECT
+                kwargs = {**dialect, **PANDAS_CELLS, "features": _csv_features(files, dialect)}
             with _library_logs_off():  # datasets logs the parse error it raises; it is reported below, once
                 parts.append(datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train",
                                                    **kwargs))
@@ -256,7 +250,44 @@ def _load_one(source: Source, trust_remote_code: bool):
             problem = _first_json_problem(files) if builder == "json" else _header_only(files)
             raise LlmkitError(problem or f"could not parse {names}: {_first_line(e)}; fix the file (every row needs "
                               "the same columns)") from None
-    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    return _concatenated(parts)
+
+
+def _csv_features(files: list[Path], dialect: dict):
+    """Every column of .csv/.tsv files as text, named as pandas names them ("Unnamed: 2" for an empty name, "a.1"
+    for a repeated one), so that each cell is the text it holds: pandas would read a column of digits as numbers
+    ("007" as 7, the labels "02" and "2" as one class). None where the files' columns differ: the builder reports
+    that."""
+    import datasets
+    import pandas as pd
+
+    names = None
+    for path in files:
+        found = list(pd.read_csv(path, nrows=0, encoding="utf-8", **dialect).columns)
+        if names is None:
+            names = found
+        elif set(found) != set(names):
+            return None
+    return datasets.Features({name: datasets.Value("string") for name in names})
+
+
+def _concatenated(parts: list):
+    """Tables with the same columns as one: a column that holds numbers in one (a .jsonl or .parquet file) and text
+    in another (a .csv file) becomes text in all."""
+    import datasets
+
+    if len(parts) == 1:
+        return parts[0]
+    for name in parts[0].column_names:
+        if len({repr(p.features[name]) for p in parts}) > 1:
+            parts = [p.cast_column(name, datasets.Value("string"))
+                     if isinstance(p.features[name], datasets.Value) and p.features[name].dtype != "string" else p
+                     for p in parts]
+    try:
+        return datasets.concatenate_datasets(parts)
+    except ValueError as e:
+        raise LlmkitError(f"the data's sources hold different kinds of values in a column ({_first_line(e)}): give "
+                          "sources whose columns hold the same kinds") from None
 
 
 def read_file_table(source: Source):
@@ -370,8 +401,9 @@ def _first_line(error: BaseException) -> str:
 
 
 def pick_column(columns: list[str], wanted: str | None, candidates: tuple[str, ...], what: str, flag: str,
-                where: str, dtype_ok=None) -> str:
-    """The column the user named, or the first of `candidates` present; else an error listing the columns."""
+                where: str, fits=None) -> str:
+    """The column the user named, or the first of `candidates` present, or the only column for which `fits(name)`
+    holds; else an error listing the columns."""
     from llmkit.config import did_you_mean
 
     if wanted is not None:
@@ -382,12 +414,23 @@ def pick_column(columns: list[str], wanted: str | None, candidates: tuple[str, .
     for name in candidates:
         if name in columns:
             return name
-    if dtype_ok is not None:
-        fitting = [c for c in columns if dtype_ok(c)]
+    if fits is not None:
+        fitting = [c for c in columns if fits(c)]
         if len(fitting) == 1:
             return fitting[0]
     raise UsageError(f"{where} has no {what} column (looked for {', '.join(candidates)}): pass {flag} NAME; "
                      f"columns: {', '.join(columns)}")
+
+
+def _holds_words(cells: list) -> bool:
+    """Whether a column's cells hold text other than numbers: the text among columns of ids and scores."""
+    for cell in cells:
+        if isinstance(cell, str) and cell.strip():
+            try:
+                float(cell)
+            except ValueError:
+                return True
+    return False
 
 
 def iter_text_batches(sources: list[Source], text_column: str | None, sample_by: str,
@@ -410,8 +453,7 @@ def iter_text_batches(sources: list[Source], text_column: str | None, sample_by:
             continue
         table = load_table([source], trust_remote_code)
         column = pick_column(table.column_names, text_column, TEXT_COLUMNS, "text", "--text-column", source.name,
-                             lambda c: str(table.features[c]) == "Value('string')"
-                             or getattr(table.features[c], "dtype", None) == "string")
+                             lambda c: _holds_words(table[:100][c]))
         for batch in table.select_columns([column]).iter(batch_size=batch_size):
             texts = [t for t in map(cell_text, batch[column]) if t.strip()]
             if texts:

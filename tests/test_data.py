@@ -117,9 +117,16 @@ def test_classification_labels(tmp_path, tokenizer_dir):
     named.write_text("sentence\tlabel\nnull\tNone\nNA\tNA\nnan\tNone\n")
     numbers = tmp_path / "numbers.csv"  # columns of digits only, which pandas would read as numbers (7, 12.0)
     numbers.write_text("text,label\n12,1\n007,2\n,1\n\u00e9,02\n")
-    for path, texts, names, ids in ((named, ["null", "NA", "nan"], ["NA", "None"], [1, 0, 1]),
-                                    (numbers, ["12", "007", "", "\u00e9"], ["1", "02", "2"], [0, 2, 0, 1])):
-        ds, labels = pipeline.prepare_classification([str(path)], tokenizer, None, text_column=None,
+    exported = tmp_path / "exported.csv"  # a blank first line, a header ending in the delimiter ("Unnamed: 2")
+    exported.write_text("\ntext,label,\n007,1,\n8,0,\n")
+    mixed = tmp_path / "mixed.jsonl"  # beside a .csv: its numbers become text, as the .csv's labels are
+    mixed.write_text('{"text": "x", "label": 1}\n{"text": "y", "label": 0.0}\n')
+    for data, texts, names, ids in (([named], ["null", "NA", "nan"], ["NA", "None"], [1, 0, 1]),
+                                    ([numbers], ["12", "007", "", "\u00e9"], ["1", "02", "2"], [0, 2, 0, 1]),
+                                    ([exported], ["007", "8"], ["0", "1"], [1, 0]),
+                                    ([numbers, mixed], ["12", "007", "", "\u00e9", "x", "y"], ["0", "1", "02", "2"],
+                                     [1, 3, 1, 2, 1, 0])):
+        ds, labels = pipeline.prepare_classification([str(p) for p in data], tokenizer, None, text_column=None,
                                                      text_pair_column=None, label_column=None, max_length=32)
         assert labels.names == names and ds["labels"] == ids
         assert ds["input_ids"] == tokenizer(texts)["input_ids"]
