@@ -278,6 +278,10 @@ def _concatenated(parts: list):
 
     if len(parts) == 1:
         return parts[0]
+    for part in parts[1:]:
+        if set(part.column_names) != set(parts[0].column_names):
+            raise LlmkitError(f"the data's files do not all have the same columns ({sorted(parts[0].column_names)} "
+                              f"and {sorted(part.column_names)}): give files with the same columns")
     for name in parts[0].column_names:
         if len({repr(p.features[name]) for p in parts}) > 1:
             parts = [p.cast_column(name, datasets.Value("string"))
@@ -329,24 +333,15 @@ def _pyarrow_table(path: Path):
     import pyarrow.csv as pc
 
     dialect = TSV_DIALECT if suffix == ".tsv" else CSV_DIALECT
-    header = _csv_header(path, dialect)
-    if header is None:
+    with open(path, encoding="utf-8-sig", newline="") as f:  # as GLUE's .tsv files and pandas read them
+        header = next(csv.reader(f, **dialect), None)
+    if not header or "" in header or len(set(header)) < len(header):  # pandas: "Unnamed: 0", "a.1"
         return None
     quoted = dialect["quoting"] != csv.QUOTE_NONE
     parse = pc.ParseOptions(delimiter=dialect["delimiter"], quote_char='"' if quoted else False,
                             newlines_in_values=quoted)
     return pc.read_csv(path, parse_options=parse,
                        convert_options=pc.ConvertOptions(column_types={name: pa.string() for name in header}))
-
-
-def _csv_header(path: Path, dialect: dict) -> list[str] | None:
-    """The column names of a .csv/.tsv file as pandas names them; None where pandas would rename them (no header,
-    an empty name: "Unnamed: 0", a repeated one: "a.1")."""
-    with open(path, encoding="utf-8-sig", newline="") as f:  # as GLUE's .tsv files and pandas read them
-        header = next(csv.reader(f, **dialect), None)
-    if not header or "" in header or len(set(header)) < len(header):
-        return None
-    return header
 
 
 @contextlib.contextmanager
