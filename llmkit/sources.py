@@ -188,15 +188,7 @@ def cell_text(cell) -> str:
 
 def load_table(sources: list[Source], trust_remote_code: bool = False):
     """All sources as one `datasets.Dataset` (Arrow, memory-mapped)."""
-    parts = [_load_one(s, trust_remote_code) for s in sources]
-    if len(parts) == 1:
-        return parts[0]
-    columns = set(parts[0].column_names)
-    for s, part in zip(sources[1:], parts[1:]):
-        if set(part.column_names) != columns:
-            raise LlmkitError(f"{s.name} has columns {sorted(part.column_names)} but {sources[0].name} has "
-                              f"{sorted(columns)}: give sources with the same columns")
-    return _concatenated(parts)
+    return _concatenated([_load_one(s, trust_remote_code) for s in sources], [s.name for s in sources])
 
 
 def _load_one(source: Source, trust_remote_code: bool):
@@ -225,13 +217,14 @@ def _load_one(source: Source, trust_remote_code: bool):
     groups: dict[str, list[Path]] = {}
     for path in source.files:
         groups.setdefault(path.suffix.lower(), []).append(path)
-    parts = []
+    parts, names = [], []
     for suffix, files in groups.items():
         builder = BUILDERS[suffix]
         kwargs = {}
         if builder != "parquet":
             for path in files:
                 check_utf8(path)
+        names.append(str(files[0]) if len(files) == 1 else f"the {suffix} files of {source.name}")
         if builder == "text":
             parts.append(datasets.Dataset.from_dict({"text": [d for p in files for d in text_documents(p, "line")]}))
             continue
@@ -250,7 +243,7 @@ def _load_one(source: Source, trust_remote_code: bool):
             problem = _first_json_problem(files) if builder == "json" else _header_only(files)
             raise LlmkitError(problem or f"could not parse {names}: {_first_line(e)}; fix the file (every row needs "
                               "the same columns)") from None
-    return _concatenated(parts)
+    return _concatenated(parts, names)
 
 
 def _csv_features(files: list[Path], dialect: dict):
@@ -271,17 +264,18 @@ def _csv_features(files: list[Path], dialect: dict):
     return datasets.Features({name: datasets.Value("string") for name in names})
 
 
-def _concatenated(parts: list):
-    """Tables with the same columns as one: a column that holds numbers in one (a .jsonl or .parquet file) and text
-    in another (a .csv file) becomes text in all."""
+def _concatenated(parts: list, names: list[str]):
+    """Tables with the same columns (`names` name them in errors) as one: a column that holds numbers in one (a
+    .jsonl or .parquet file) and text in another (a .csv file) becomes text in all."""
     import datasets
 
     if len(parts) == 1:
         return parts[0]
-    for part in parts[1:]:
-        if set(part.column_names) != set(parts[0].column_names):
-            raise LlmkitError(f"the data's files do not all have the same columns ({sorted(parts[0].column_names)} "
-                              f"and {sorted(part.column_names)}): give files with the same columns")
+    columns = set(parts[0].column_names)
+    for where, part in zip(names[1:], parts[1:]):
+        if set(part.column_names) != columns:
+            raise LlmkitError(f"{where} has columns {sorted(part.column_names)} but {names[0]} has "
+                              f"{sorted(columns)}: give sources with the same columns")
     for name in parts[0].column_names:
         if len({repr(p.features[name]) for p in parts}) > 1:
             parts = [p.cast_column(name, datasets.Value("string"))
@@ -447,8 +441,9 @@ def iter_text_batches(sources: list[Source], text_column: str | None, sample_by:
                     yield batch
             continue
         table = load_table([source], trust_remote_code)
+        head = table[:100]
         column = pick_column(table.column_names, text_column, TEXT_COLUMNS, "text", "--text-column", source.name,
-                             lambda c: _holds_words(table[:100][c]))
+                             lambda c: _holds_words(head[c]))
         for batch in table.select_columns([column]).iter(batch_size=batch_size):
             texts = [t for t in map(cell_text, batch[column]) if t.strip()]
             if texts:
