@@ -3,9 +3,10 @@
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/phases.py [--skip 5] finetune --model ... --max-steps 80 ...
 
 Runs any llmkit training command (its arguments as on the command line) in this process and prints the median,
-25th and 75th percentile milliseconds of: the whole step (train.train_step), the forward pass with the loss
-(train.batch_loss, once per micro-batch), the backward pass (Accelerator.backward, once per micro-batch), and
-clipping with the optimizer step (train.clipped_step). The first `--skip` steps (one-off set-up) are left out.
+25th and 75th percentile and mean milliseconds of: the whole step (train.train_step), the forward pass with the
+loss (train.batch_loss, once per micro-batch), the backward pass (Accelerator.backward, once per micro-batch),
+clipping with the optimizer step (train.clipped_step), and the loop's own work between two steps (logging,
+evaluations, checkpoints). The mean is what throughput sees. The first `--skip` steps (one-off set-up) are left out.
 perf_counter around the calls (on a CPU; a GPU's calls return before its kernels finish), not torch.profiler,
 which inflates memory-bound operations on small CPUs. One process: a run of several has children not timed here.
 Not part of `make bench`: it times pieces, not workloads.
@@ -38,16 +39,21 @@ def main() -> None:
     args = parser.parse_args(argv[:first])
     command = argv[first:]
     seconds: dict[str, list[tuple[float, int]]] = defaultdict(list)  # (seconds, step)
-    done = {"steps": 0}
+    done = {"steps": 0, "end": None}
 
     def timed(name: str, call):
         def wrapper(*a, **k):
             start = time.perf_counter()
+            if name == "step" and done["end"] is not None:  # the loop's own work since the last step ended
+                seconds["between steps"].append((start - done["end"], done["steps"]))
             try:
                 return call(*a, **k)
             finally:
-                seconds[name].append((time.perf_counter() - start, done["steps"]))
-                done["steps"] += name == "step"
+                end = time.perf_counter()
+                seconds[name].append((end - start, done["steps"]))
+                if name == "step":
+                    done["steps"] += 1
+                    done["end"] = end
         return wrapper
 
     for name, (owner, attribute) in PHASES.items():
@@ -62,12 +68,12 @@ def main() -> None:
 
 
 def report(seconds: dict[str, list[tuple[float, int]]], skip: int) -> None:
-    print(f"{'phase':18s} {'calls':>6s} {'median ms':>10s} {'p25':>8s} {'p75':>8s}")
-    for name in PHASES:
+    print(f"{'phase':18s} {'calls':>6s} {'median ms':>10s} {'p25':>8s} {'p75':>8s} {'mean':>8s}")
+    for name in [*PHASES, "between steps"]:
         kept = np.array([s for s, step in seconds[name] if step >= skip]) * 1e3
         if len(kept):
             p25, median, p75 = np.percentile(kept, [25, 50, 75])
-            print(f"{name:18s} {len(kept):6d} {median:10.1f} {p25:8.1f} {p75:8.1f}")
+            print(f"{name:18s} {len(kept):6d} {median:10.1f} {p25:8.1f} {p75:8.1f} {kept.mean():8.1f}")
 
 
 if __name__ == "__main__":

@@ -309,7 +309,7 @@ def read_file_table(source: Source):
 
 def _pyarrow_table(path: Path):
     """The file as a pyarrow Table, every .csv/.tsv column as strings; None for a type pyarrow does not read and
-    for a .csv/.tsv header that pandas would name differently (none, an empty name, a repeated one)."""
+    for a .csv/.tsv header that pandas would read differently (none, a blank name or line, a repeated name)."""
     import pyarrow as pa
 
     suffix = path.suffix.lower()
@@ -329,7 +329,8 @@ def _pyarrow_table(path: Path):
     dialect = TSV_DIALECT if suffix == ".tsv" else CSV_DIALECT
     with open(path, encoding="utf-8-sig", newline="") as f:  # as GLUE's .tsv files and pandas read them
         header = next(csv.reader(f, **dialect), None)
-    if not header or "" in header or len(set(header)) < len(header):  # pandas: "Unnamed: 0", "a.1"
+    # pandas names these otherwise ("Unnamed: 0", "a.1") or skips a line of spaces that pyarrow takes as the header
+    if not header or any(not name.strip() for name in header) or len(set(header)) < len(header):
         return None
     quoted = dialect["quoting"] != csv.QUOTE_NONE
     parse = pc.ParseOptions(delimiter=dialect["delimiter"], quote_char='"' if quoted else False,

@@ -174,6 +174,9 @@ def test_file_tables_read_by_pyarrow_alone_match_datasets(shared, tmp_path):
     unnamed = tmp_path / "unnamed.csv"  # pandas names an empty header "Unnamed: 0": load_table reads it
     unnamed.write_text(",text\n1,a\n")
     assert src.read_file_table(src.resolve([str(unnamed)])[0]).column_names == ["Unnamed: 0", "text"]
+    spaces = tmp_path / "spaces.csv"  # pandas skips a first line of spaces, which pyarrow took as the header
+    spaces.write_text("   \ntext\ngood film\n")
+    assert list(src.read_file_table(src.resolve([str(spaces)])[0])["text"]) == ["good film"]
 
 
 def test_step_sampler_is_independent_of_processes_and_accumulation():
