@@ -17,7 +17,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 
@@ -27,6 +27,8 @@ MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
 SCALER = "scaler.pt"
 STEP_NAME = re.compile(r"step-\d+")
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def _sha256(path: Path) -> str:
@@ -55,15 +57,15 @@ def sync_tree(directory: Path, files: bool = True) -> None:
     fsync(directory)
 
 
-def _each_file(work, paths: list[Path]) -> list:
-    """work(path) for every path, the files side by side in threads (hashlib and file I/O release the GIL): a
-    checkpoint's few large files take as long as the largest, not their sum."""
-    if len(paths) < 2:
-        return [work(p) for p in paths]
+def _each_file(work: Callable[[T], R], items: list[T]) -> list[R]:
+    """work(item) for every item (a file, or a file with its manifest entry), side by side in threads: hashlib and
+    file I/O release the GIL, so a checkpoint's few large files take as long as the largest, not their sum."""
+    if len(items) < 2:
+        return [work(item) for item in items]
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(min(len(paths), os.cpu_count() or 1, 8)) as pool:
-        return list(pool.map(work, paths))
+    with ThreadPoolExecutor(min(len(items), os.cpu_count() or 1, 8)) as pool:
+        return list(pool.map(work, items))
 
 
 def write_manifest(directory: Path, sync: bool = False) -> None:
@@ -80,20 +82,26 @@ def write_manifest(directory: Path, sync: bool = False) -> None:
 
 
 def verify(directory: Path) -> bool:
+    """Whether every file the manifest lists is there with its size and SHA-256. A manifest of the wrong shape, a
+    missing file or a size that differs is False before any file is hashed."""
     manifest = directory / MANIFEST
     if not manifest.is_file():
         return False
     try:
         files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError, OSError):
+        entries = [(directory / name, meta["size"], meta["sha256"]) for name, meta in files.items()]
+        if not all(path.is_file() and path.stat().st_size == size for path, size, _ in entries):
+            return False
+    except (ValueError, KeyError, TypeError, AttributeError, OSError):
         return False
-    def intact(item) -> bool:
-        path, meta = directory / item[0], item[1]
-        return path.is_file() and path.stat().st_size == meta["size"] and _sha256(path) == meta["sha256"]
+
+    def intact(entry: tuple[Path, int, str]) -> bool:
+        path, _, digest = entry
+        return _sha256(path) == digest
 
     try:
-        return all(_each_file(intact, list(files.items())))
-    except (KeyError, TypeError, OSError):
+        return all(_each_file(intact, entries))
+    except OSError:
         return False
 
 

@@ -309,7 +309,8 @@ def read_file_table(source: Source):
 
 def _pyarrow_table(path: Path):
     """The file as a pyarrow Table, every .csv/.tsv column as strings; None for a type pyarrow does not read and
-    for a .csv/.tsv header that pandas would read differently (none, a blank name or line, a repeated name)."""
+    for a .csv/.tsv that pandas would read differently (no header, a blank name or line in it, a repeated name; a
+    line of spaces in a one-column file)."""
     import pyarrow as pa
 
     suffix = path.suffix.lower()
@@ -329,14 +330,23 @@ def _pyarrow_table(path: Path):
     dialect = TSV_DIALECT if suffix == ".tsv" else CSV_DIALECT
     with open(path, encoding="utf-8-sig", newline="") as f:  # as GLUE's .tsv files and pandas read them
         header = next(csv.reader(f, **dialect), None)
-    # pandas names these otherwise ("Unnamed: 0", "a.1") or skips a line of spaces that pyarrow takes as the header
+    # pandas skips a first line of spaces that pyarrow takes as the header, names an empty name "Unnamed: 0" and a
+    # repeated one "a.1", and keeps a name of spaces as it is: each goes to load_table, which reads as pandas does
     if not header or any(not name.strip() for name in header) or len(set(header)) < len(header):
         return None
     quoted = dialect["quoting"] != csv.QUOTE_NONE
     parse = pc.ParseOptions(delimiter=dialect["delimiter"], quote_char='"' if quoted else False,
                             newlines_in_values=quoted)
-    return pc.read_csv(path, parse_options=parse,
-                       convert_options=pc.ConvertOptions(column_types={name: pa.string() for name in header}))
+    table = pc.read_csv(path, parse_options=parse,
+                        convert_options=pc.ConvertOptions(column_types={name: pa.string() for name in header}))
+    # a line of spaces is a row of a one-column file for pyarrow (of a wider one, a parse error) and no row for
+    # pandas: such a file, too, goes to load_table
+    if table.num_columns == 1:
+        import pyarrow.compute as pa_compute  # 40 ms to import: only for such files
+
+        if pa_compute.any(pa_compute.match_substring_regex(table[0], r"^\s+$")).as_py():
+            return None
+    return table
 
 
 @contextlib.contextmanager

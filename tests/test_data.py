@@ -177,6 +177,9 @@ def test_file_tables_read_by_pyarrow_alone_match_datasets(shared, tmp_path):
     spaces = tmp_path / "spaces.csv"  # pandas skips a first line of spaces, which pyarrow took as the header
     spaces.write_text("   \ntext\ngood film\n")
     assert list(src.read_file_table(src.resolve([str(spaces)])[0])["text"]) == ["good film"]
+    inner = tmp_path / "inner.csv"  # and a line of spaces among the rows, which pyarrow took as a row
+    inner.write_text('text\ngood\n   \nbad\n"  "\n')
+    assert list(src.read_file_table(src.resolve([str(inner)])[0])["text"]) == ["good", "bad", "  "]
 
 
 def test_step_sampler_is_independent_of_processes_and_accumulation():

@@ -98,6 +98,18 @@ def test_resume_auto_passes_a_damaged_checkpoint_by(how, clm_run, tmp_path):
     assert ckpt.find_resume_checkpoint("auto", run) == expected
 
 
+@pytest.mark.parametrize("manifest", [
+    "[]", '{"files": []}', '{"files": {"a.bin": []}}', '{"files": {"a.bin": {"size": 3}}}',
+    '{"files": {"a.bin": {"size": 4, "sha256": "0"}}}', '{"files": {"b.bin": {"size": 3, "sha256": "0"}}}', "{",
+])
+def test_verify_is_false_for_a_manifest_of_any_wrong_shape(manifest, tmp_path):
+    (tmp_path / "a.bin").write_bytes(b"abc")
+    ckpt.write_manifest(tmp_path)
+    assert ckpt.verify(tmp_path)
+    (tmp_path / ckpt.MANIFEST).write_text(manifest)
+    assert ckpt.verify(tmp_path) is False
+
+
 def test_resume_auto_continues_from_the_last_good_checkpoint(clm_run, shakespeare, tokenizer_dir, tmp_path):
     run = _copy_run(clm_run[0], tmp_path)
     _damage("truncated-weights", run)
