@@ -153,17 +153,21 @@ def test_fill_shows_each_mask(mlm_run, capsys):
 # env
 
 
-def test_auto_precision_follows_the_measured_bf16_speed(monkeypatch):
-    """A launched job's ranks take the launcher's measurement (the environment variable) and pick by it."""
+def test_auto_precision_follows_the_measured_bf16_speed(monkeypatch, capsys):
+    """A launched job's ranks take the launcher's measurement (the environment variable) and pick by it; bf16
+    asked for on a CPU without bf16 instructions (a measurement of 0) runs, with a warning."""
     from llmkit.train import BF16_SPEEDUP_ENV, cpu_bf16_speedup, resolve_precision
 
     cpu = torch.device("cpu")
     try:
-        for speedup, expected in (("2.5", "bf16"), ("0.55", "fp32"), ("1.29", "fp32")):
+        for speedup, expected in (("2.5", "bf16"), ("0.55", "fp32"), ("1.29", "fp32"), ("0", "fp32")):
             cpu_bf16_speedup.cache_clear()
             monkeypatch.setenv(BF16_SPEEDUP_ENV, speedup)
             assert resolve_precision("auto", cpu) == expected
-        assert resolve_precision("bf16", cpu) == "bf16" and resolve_precision("fp32", cpu) == "fp32"
+            capsys.readouterr()
+            assert resolve_precision("bf16", cpu) == "bf16" and resolve_precision("fp32", cpu) == "fp32"
+            warned = "no bf16 instructions" in capsys.readouterr().err
+            assert warned == (speedup == "0"), speedup
     finally:
         monkeypatch.delenv(BF16_SPEEDUP_ENV)
         cpu_bf16_speedup.cache_clear()
