@@ -14,7 +14,7 @@ import re
 
 from harness import (ANCHORS, DATA, PYTHON, Bench, BenchError, Outcome, alternate, at_least, bf16_missing, close,
                      gemm_peaks, llmkit_pretrain, llmkit_tokenize, median, mfu_text, not_run, precision_of,
-                     threshold)
+                     runnable, threshold)
 
 WORKLOAD = "CLM pretraining"
 TEXT = f"{DATA}/tinyshakespeare/input.txt"
@@ -44,10 +44,10 @@ def run(bench: Bench) -> Outcome:
     llmkit_tokenize(bench, "llmkit tokenize (set-up)", ["--data", TEXT, "--output", tokenized, "--tokenizer-type",
                                                         "bpe", "--vocab-size", 8192, "--sample-by", "document"])
     peaks: list[dict[str, float]] = []
-    runnable = tuple(m for m in MODES if not (bf16_missing() and m.endswith("bf16")))
+    here = runnable(MODES, ("trainer-bf16", "loop-bf16"))
 
     def anchor(r: int) -> dict:
-        modes = runnable if r == 0 else tuple(m for m in runnable if m not in FIRST_ROUND_ONLY)
+        modes = tuple(m for m in here if r == 0 or m not in FIRST_ROUND_ONLY)
         done = bench.run(f"anchor round {r + 1}", [PYTHON, f"{ANCHORS}/anchor_clm.py", TEXT, steps, ",".join(modes)])
         return parse_anchor(done.stdout, modes)
 

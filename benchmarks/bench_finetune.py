@@ -22,7 +22,7 @@ import json
 
 from harness import (ANCHORS, DATA, LLMKIT, MINILM, NO_EVAL_OR_CHECKPOINT, PYTHON, ROOT, TRAINER_OPTIMIZER, Bench,
                      Outcome, alternate, at_least, bf16_missing, info, median, not_run, precision_of,
-                     training_figures)
+                     runnable, training_figures)
 
 WORKLOAD = "Fine-tuning MiniLM SST-2"
 SST2 = f"{DATA}/sst2"
@@ -48,12 +48,12 @@ def run(bench: Bench) -> Outcome:
     grouped = (WARMUP + 2, WARMUP) if bench.quick else (3 * MEGABATCH, MEGABATCH)  # steps, warm-up
     log_every = 4 if bench.quick else 25
     subset = write_anchor_subset(bench.work / "train-subset.tsv", rows, SEED)
-    runnable = [name for name in CONFIGS if not (bf16_missing() and name in BF16_CONFIGS)]
-    length_grouped = ",".join(name for name in GROUPED if name in runnable)
+    here = runnable(CONFIGS, BF16_CONFIGS)
+    length_grouped = ",".join(name for name in GROUPED if name in here)
 
     def anchor(r: int) -> dict:
         # b's order is not length-grouped: a short window times its lengths
-        short = ",".join(name for name in ("a", "b") if name in runnable and (r == 0 or name == "a"))
+        short = ",".join(name for name in ("a", "b") if name in here and (r == 0 or name == "a"))
         timed = anchor_finetune(bench, f"anchor round {r + 1} ({short})", short, steps_a, WARMUP,
                                 ["--no-accuracy"])["throughput"]
         timed.update(anchor_finetune(bench, f"anchor round {r + 1} ({length_grouped})", length_grouped, *grouped,

@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 
 from harness import (ANCHORS, DATA, OUR_ANCHORS, PYTHON, Bench, Outcome, alternate, at_least, bf16_missing, close,
-                     gemm_peaks, info, llmkit_pretrain, llmkit_tokenize, median, mfu_text, not_run, precision_of)
+                     gemm_peaks, info, llmkit_pretrain, llmkit_tokenize, median, mfu_text, not_run, precision_of,
+                     runnable)
 
 WORKLOAD = "MLM pretraining"
 SHAKESPEARE, WIKITEXT = f"{DATA}/tinyshakespeare/input.txt", f"{DATA}/wikitext-2"
@@ -39,7 +40,7 @@ def run(bench: Bench) -> Outcome:
                      "--output", tokenized, "--tokenizer-type", "wordpiece", "--lowercase", "--vocab-size", 8192,
                      "--sample-by", "line"])
     peaks: list[dict[str, float]] = []
-    precisions = ",".join(p for p in PRECISIONS if not (bf16_missing() and p == "bf16"))
+    precisions = ",".join(runnable(PRECISIONS, ("bf16",)))
 
     def anchor(r: int) -> dict:
         out = bench.work / f"anchor-{r + 1}.json"

@@ -165,6 +165,12 @@ def bf16_missing() -> str:
     return "not run: this CPU has no bf16 instructions (bf16 products run emulated)"
 
 
+def runnable(names, bf16_names) -> list[str]:
+    """The anchor configurations (modes, precisions) of `names` that run here: all, or those not in `bf16_names`
+    where bf16 is emulated (bf16_missing)."""
+    return [name for name in names if not (name in bf16_names and bf16_missing())]
+
+
 def gemm_peaks(seconds: float = 1.5) -> dict[str, float]:
     """GFLOP/s of a 1024 x 1024 @ 1024 x 1024 matmul in fp32 and bf16, measured the way anchor_clm.py does (with
     one product of bf16 where bf16 is emulated: ~3 s each)."""
