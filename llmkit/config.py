@@ -111,7 +111,8 @@ class TrainSettings(LaunchSettings, DataSettings):
                          choices=("auto", "fp32", "bf16", "fp16"))
     compile: bool = opt(False, "Compile the model with torch.compile (slower start; here the eager path is faster).")
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
-    eval_every: Optional[int] = opt(None, "Evaluate every N steps (default: about 10 times per run).",
+    eval_every: Optional[int] = opt(None, "Evaluate every N steps (default: about 10 times per run, fewer where "
+                                          "evaluating would take over a fifth of the training's compute).",
                                     check="positive")
     eval_batches: Optional[int] = opt(None, "Evaluate during training on N batches per process, the same sample "
                                       "spread over the whole set each time; the last evaluation uses all "

@@ -272,11 +272,33 @@ def make_plan(job: TrainJob, processes: int, precision: str) -> Plan:
         warmup = math.ceil(cfg.warmup_steps * steps)
     else:
         warmup = int(cfg.warmup_steps)
-    eval_every = cfg.eval_every or max(1, math.ceil(steps / 10))
+    eval_every = cfg.eval_every or max(1, math.ceil(steps / default_evaluations(job, steps, global_batch, micro,
+                                                                                 processes)))
     return Plan(global_batch=global_batch, micro_batch=micro, accumulation=per_process // micro,
                 processes=processes, steps=steps, warmup=warmup,
                 learning_rate=cfg.learning_rate or job.default_learning_rate, steps_per_epoch=steps_per_epoch,
                 eval_every=eval_every, save_every=cfg.save_every or eval_every, precision=precision)
+
+
+EVALUATION_SHARE = 0.2  # without --eval-every, evaluations take at most about this share of the training's compute
+
+
+def default_evaluations(job: TrainJob, steps: int, global_batch: int, micro: int, processes: int) -> int:
+    """How many evaluations a run makes without --eval-every: 10, or fewer where the evaluation data is large beside
+    the training (SST-2's 872 dev sentences against 2,000 training rows: one, at the end), so that evaluating does
+    not take longer than training. An evaluated token costs a third of a trained one (a forward pass, no backward);
+    the evaluations stay under EVALUATION_SHARE of the training's compute. --patience counts evaluations: 10 then."""
+    if job.eval_data is None or getattr(job.cfg, "patience", None) is not None:
+        return 10
+    evaluated = len(job.eval_data)
+    eval_batches = getattr(job.cfg, "eval_batches", None)
+    if eval_batches:  # all but the last evaluation score a sample of this many examples
+        evaluated = min(evaluated, eval_batches * max(micro, 8) * processes)
+    train_lengths, eval_lengths = job.train_data.lengths(), job.eval_data.lengths()
+    per_train = float(np.mean(train_lengths)) if train_lengths is not None and len(train_lengths) else 1.0
+    per_eval = float(np.mean(eval_lengths)) if eval_lengths is not None and len(eval_lengths) else 1.0
+    one_evaluation = evaluated * per_eval / (3 * steps * global_batch * per_train)  # against the training
+    return min(10, max(1, math.floor(EVALUATION_SHARE / max(one_evaluation, 1e-12) + 1e-9)))
 
 
 def better(metric: str, new: float, old: float | None) -> bool:
@@ -344,7 +366,8 @@ def fit(job: TrainJob) -> dict[str, Any]:
                      f"{len(job.train_data)} training {'blocks' if job.tokens_per_example else 'examples'}; "
                      f"{plan.steps} steps of {plan.global_batch} ({plan.processes} process(es) x "
                      f"{plan.accumulation} accumulation x micro-batch {plan.micro_batch}); "
-                     f"lr {plan.learning_rate:g}, warm-up {plan.warmup}; {accelerator.device.type} {precision}")
+                     f"lr {plan.learning_rate:g}, warm-up {plan.warmup}; {accelerator.device.type} {precision}"
+                     + (f"; evaluates every {plan.eval_every} steps" if job.eval_data is not None else ""))
         if resume_from is not None:
             display.info(f"resuming from {resume_from} at step {start_step}")
         job.record.update(parameters=params, plan=vars(plan))

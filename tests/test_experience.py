@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_pretrain
@@ -179,7 +180,8 @@ def test_progress_is_silent_in_logs_and_when_quiet(clm_run, shakespeare, tokeniz
                   quiet=False, cache_dir=str(tmp_path / "b"))
     lines = log.getvalue().splitlines()
     assert "\x1b" not in log.getvalue() and any(line.startswith("train step 4/4") for line in lines), lines
-    assert any(line.startswith("clm ") and line.endswith(" fp32") for line in lines)  # one line, not cut at 80
+    # one line, not cut at 80
+    assert any(line.startswith("clm ") and line.endswith(" fp32; evaluates every 2 steps") for line in lines), lines
     assert not any(line.startswith(("tokenize", "evaluate")) for line in lines)  # plain step lines only
     screen = _console(monkeypatch, terminal=True)
     evaluate(_evaluate_config(clm_run[0], shakespeare, tmp_path / "c", quiet=True))
@@ -222,7 +224,18 @@ def _installed(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def _plan(n=1000, tokens_per_example=64, **cfg):
+class _Rows(list):
+    """Examples of one length each, as the plan sees training and evaluation data: a count and lengths()."""
+
+    def __init__(self, n: int, length: int):
+        super().__init__(range(n))
+        self.length = length
+
+    def lengths(self):
+        return np.full(len(self), self.length)
+
+
+def _plan(n=1000, tokens_per_example=64, eval_data=None, **cfg):
     from llmkit.train import TrainJob, make_plan
 
     settings = dict(global_batch_size=None, micro_batch_size=None, tokens_per_step=None, max_steps=None,
@@ -230,8 +243,8 @@ def _plan(n=1000, tokens_per_example=64, **cfg):
                     save_every=None)
     settings.update(cfg)
     job = TrainJob(cfg=SimpleNamespace(**settings), objective="clm", model=None, tokenizer=None,
-                   train_data=range(n), eval_data=None, default_learning_rate=1e-3, default_global_batch=32,
-                   tokens_per_example=tokens_per_example)
+                   train_data=_Rows(n, tokens_per_example), eval_data=eval_data, default_learning_rate=1e-3,
+                   default_global_batch=32, tokens_per_example=tokens_per_example)
     return make_plan(job, processes=1, precision="fp32")
 
 
@@ -244,6 +257,22 @@ def test_batch_arithmetic():
     assert plan.steps == math.ceil(2.5 * (1000 // 32))
     assert plan.warmup == math.ceil(0.06 * plan.steps) and plan.eval_every == math.ceil(plan.steps / 10)
     assert _plan(max_steps=100, warmup_steps=0.25).warmup == 25
+
+
+def test_default_evaluations_take_at_most_a_fifth_of_the_training():
+    """Without --eval-every a run evaluates about ten times, fewer where one evaluation (a forward pass over the
+    evaluation data: a third of a training step's work per token) would be large beside the training."""
+    # 2,000 rows of 13 tokens (62 steps of 32) against 872 rows of 25, as the README's SST-2 example: at the end only
+    plan = _plan(2000, tokens_per_example=13, eval_data=_Rows(872, 25))
+    assert plan.steps == 62 and plan.eval_every == 62 and plan.save_every == 62
+    # 60,000 rows against the same 872: evaluating is cheap beside the training, so ten times as before
+    assert _plan(60_000, tokens_per_example=13, eval_data=_Rows(872, 25)).eval_every == math.ceil(1875 / 10)
+    # 8,000 rows: one evaluation costs 872 * 25 / (3 * 250 * 32 * 13) = 7 % of the training, two fit in a fifth
+    assert _plan(8000, tokens_per_example=13, eval_data=_Rows(872, 25)).eval_every == math.ceil(250 / 2)
+    # a sample of --eval-batches batches counts as what it scores; --eval-every and --patience keep their cadence
+    assert _plan(2000, tokens_per_example=13, eval_data=_Rows(872, 25), eval_batches=2).eval_every == 7
+    assert _plan(2000, tokens_per_example=13, eval_data=_Rows(872, 25), eval_every=5).eval_every == 5
+    assert _plan(2000, tokens_per_example=13, eval_data=_Rows(872, 25), patience=3).eval_every == 7
 
 
 def test_schedule_shape():
