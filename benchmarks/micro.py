@@ -5,7 +5,10 @@
 - clip + AdamW step over all-MiniLM-L6-v2's 22.7 M parameters (random gradients with a norm above the clip):
   accelerator.clip_grad_norm_ then fused AdamW's step, against llmkit's train.clipped_step;
 - dropout forward + backward at shapes of the benchmarks' fine-tuning and CLM steps, fp32 and bf16: PyTorch's
-  bool mask (_dropout_keep, then to the dtype and scale), against the numpy factors of tasks._dropout_scale.
+  bool mask (_dropout_keep, then to the dtype and scale), against the numpy factors of tasks._dropout_scale;
+- attention without dropout, forward + backward, in training: PyTorch's SDPA against tasks._manual_attention (the
+  path of tasks._cpu_training_attention), in bf16 and fp32, at the shapes of the benchmarks' fine-tuning (with a
+  padding mask), MLM and CLM steps and at 512 and 1,024 tokens (what tasks.MANUAL_BF16_MAX_LENGTH rests on).
 Not part of `make bench`: these time pieces, not workloads.
 """
 
@@ -87,6 +90,36 @@ def dropout(repeats: int) -> dict[str, dict[str, float]]:
     return out
 
 
+def attention(repeats: int) -> dict[str, dict[str, float]]:
+    from llmkit.tasks import _manual_attention
+
+    module = torch.nn.Module()  # what the attention reads of its layer: the training flag and causality
+    out = {}
+    for batch, heads, length, causal in ((32, 12, 15, False), (32, 4, 128, False), (16, 6, 256, True),
+                                         (8, 12, 512, True), (4, 12, 1024, True)):
+        for dtype in (torch.bfloat16, torch.float32):
+            torch.manual_seed(0)
+            q, k, v = (torch.randn(batch, heads, length, 64 if heads < 12 or length > 15 else 32, dtype=dtype,
+                                   requires_grad=True) for _ in range(3))
+            mask = None
+            if not causal and length == 15:  # fine-tuning's padded batch: its last keys are padding
+                mask = torch.ones(batch, 1, length, length, dtype=torch.bool)
+                mask[::2, :, :, -3:] = False
+            grad = torch.randn(batch, length, heads, q.shape[-1], dtype=dtype)
+            module.is_causal = causal
+
+            def sdpa():
+                torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, is_causal=causal and mask is None).transpose(1, 2).backward(grad)
+
+            def llmkit():
+                _manual_attention(module, q, k, v, mask)[0].backward(grad)
+
+            name = f"{batch}x{heads}x{length}{' causal' if causal else ''} {str(dtype).removeprefix('torch.')}"
+            out[name] = medians_ms(repeats, {"sdpa": sdpa, "llmkit path": llmkit})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=30)
@@ -94,6 +127,8 @@ def main() -> None:
     print("clip + AdamW step, MiniLM (ms):", {k: round(v, 1) for k, v in clip_and_step(repeats).items()})
     for shape, figures in dropout(repeats).items():
         print(f"dropout fwd+bwd {shape} (ms):", {k: round(v, 3) for k, v in figures.items()})
+    for shape, figures in attention(repeats).items():
+        print(f"attention fwd+bwd {shape} (ms):", {k: round(v, 2) for k, v in figures.items()})
 
 
 if __name__ == "__main__":

@@ -466,29 +466,55 @@ class FastDropout(torch.nn.Module):
 FAST_ATTENTION = "llmkit_cpu"
 
 
-def _attention_with_fast_dropout(module, query, key, value, attention_mask, dropout: float = 0.0,
-                                 scaling: float | None = None, is_causal: bool | None = None, **kwargs):
-    """transformers' attention interface, for training on a CPU with attention dropout. There PyTorch's SDPA
-    cannot use its fused kernel (it takes no dropout) and falls back to a math path that upcasts q, k and v to fp32
-    and draws dropout with bernoulli_. This computes the same attention - softmax(q k^T * scale + mask), dropout
-    on the probabilities, times v - with _dropout_keep's random source and its products in the input precision
-    (the softmax computes in fp32 and rounds once): under bf16 autocast, the forward numerics of transformers'
-    eager attention up to where the causal path rounds the scaled product, and a backward pass that uses the
-    rounded probabilities. Anything else (no dropout, another device, a cache longer than the queries, extra
-    features, a model being compiled, whose compiler fuses SDPA's dropout itself) goes to SDPA unchanged."""
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+# The longest key length at which a bf16 training step's attention without dropout takes llmkit's path instead of
+# SDPA's fused kernel, whose backward pass is slow at short lengths on a CPU. Forward + backward of one layer's
+# attention, SDPA against llmkit's path (benchmarks/micro.py --repeats 20, a Zen 4 VM with AVX-512 BF16): in bf16,
+# fine-tuning's 32 x 12 heads x 15 tokens with a padding mask 14.4 against 2.3 ms, MLM's 32 x 4 x 128 33.1 against
+# 10.6, CLM's 16 x 6 x 256 causal 51.6 against 24.5, 8 x 12 x 512 causal 172 against 142; at 1,024 tokens SDPA is
+# ahead (4 x 12 x 1,024 causal 195 against 273 ms), and in fp32 even or ahead at every length (162 against 262 at 512).
+MANUAL_BF16_MAX_LENGTH = 512
 
-    if not dropout or query.device.type != "cpu" or query.shape[-2] != key.shape[-2] or torch.compiler.is_compiling() \
+
+def _cpu_training_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                            scaling: float | None = None, is_causal: bool | None = None, **kwargs):
+    """transformers' attention interface, for training on a CPU. With attention dropout, PyTorch's SDPA cannot use
+    its fused kernel (it takes no dropout) and falls back to a math path that upcasts q, k and v to fp32 and draws
+    dropout with bernoulli_; without dropout, in bf16, its fused kernel's backward pass is slow at short lengths
+    (MANUAL_BF16_MAX_LENGTH). This computes the same attention - softmax(q k^T * scale + mask), dropout on the
+    probabilities, times v - with _dropout_keep's random source and its products in the input precision (the
+    softmax computes in fp32 and rounds once): under bf16 autocast, the forward numerics of transformers' eager
+    attention up to where the causal path rounds the scaled product, and a backward pass that uses the rounded
+    probabilities. Anything else (evaluation, fp32 without dropout, longer bf16 sequences without dropout, another
+    device, a cache longer than the queries, extra features, a model being compiled, whose compiler fuses SDPA's
+    dropout itself) goes to SDPA unchanged. The choice follows the module's training flag, not the grad mode, so
+    that gradient checkpointing recomputes the forward pass on the path that first computed it."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    autocast = torch.is_autocast_enabled("cpu") and query.dtype == torch.float32  # autocast casts fp32 only
+    dtype = torch.get_autocast_dtype("cpu") if autocast else query.dtype
+    length = key.shape[-2]
+    slow_sdpa = getattr(module, "training", False) and dtype == torch.bfloat16 and length <= MANUAL_BF16_MAX_LENGTH
+    if not (dropout or slow_sdpa) or query.device.type != "cpu" or query.shape[-2] != length \
+            or torch.compiler.is_compiling() \
             or any(kwargs.get(k) is not None for k in ("position_bias", "softcap", "sliding_window")):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
+    return _manual_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal)
+
+
+def _manual_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                      is_causal: bool | None = None) -> tuple[torch.Tensor, None]:
+    """_cpu_training_attention's own computation (query and key of the same length), as the attention interface
+    returns it: (batch, queries, heads, head size), None."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    autocast = torch.is_autocast_enabled("cpu") and query.dtype == torch.float32  # autocast casts fp32 only
+    dtype = torch.get_autocast_dtype("cpu") if autocast else query.dtype
+    length = key.shape[-2]
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    length = key.shape[-2]
-    autocast = torch.is_autocast_enabled("cpu") and query.dtype == torch.float32  # autocast casts fp32 only
-    dtype = torch.get_autocast_dtype("cpu") if autocast else query.dtype
     lowest = torch.finfo(torch.float32 if dtype == torch.float64 else dtype).min  # finite in fp32
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     future = torch.ones(length, length, dtype=torch.bool, device=query.device).triu(1) \
@@ -511,13 +537,16 @@ def _attention_with_fast_dropout(module, query, key, value, attention_mask, drop
         elif attention_mask is not None:  # additive
             scores = scores + attention_mask[..., :length].to(scores.dtype)
     probs = torch.softmax(scores, dim=-1)  # on a CPU, bf16 softmax computes in fp32 and rounds once at the end
-    probs = probs * _dropout_scale(probs, dropout)
-    out = torch.matmul(probs, value) * (1 / (1 - dropout))  # the dropout scale, on the smaller tensor
+    if dropout:
+        probs = probs * _dropout_scale(probs, dropout)
+        out = torch.matmul(probs, value) * (1 / (1 - dropout))  # the dropout scale, on the smaller tensor
+    else:
+        out = torch.matmul(probs, value)
     return out.transpose(1, 2).contiguous(), None
 
 
 def use_fast_attention(model: torch.nn.Module) -> bool:
-    """Route the attention of a model that uses SDPA through _attention_with_fast_dropout (CPU training only; the
+    """Route the attention of a model that uses SDPA through _cpu_training_attention (CPU training only; the
     saved config keeps "sdpa"). Returns whether it did."""
     try:
         from transformers import AttentionInterface
@@ -528,7 +557,7 @@ def use_fast_attention(model: torch.nn.Module) -> bool:
     if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
         return False
     if FAST_ATTENTION not in ALL_MASK_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(FAST_ATTENTION, _attention_with_fast_dropout)
+        AttentionInterface.register(FAST_ATTENTION, _cpu_training_attention)
         AttentionMaskInterface.register(FAST_ATTENTION, sdpa_mask)
     config._attn_implementation = FAST_ATTENTION
     return True

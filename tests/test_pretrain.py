@@ -215,7 +215,7 @@ def test_cpu_attention_with_dropout_computes_what_sdpa_computes(architecture, to
     drop anything the logits agree, padding masks included, and every layer went through that path; with p = 0.5
     about half the probabilities drop."""
     from llmkit import tasks
-    from llmkit.tasks import (_attention_with_fast_dropout, _dropout_keep, _dropout_scale, fresh_model,
+    from llmkit.tasks import (_cpu_training_attention, _dropout_keep, _dropout_scale, fresh_model,
                               use_fast_attention)
 
     objective = "clm" if architecture in ("gpt2", "llama") else "mlm"
@@ -242,7 +242,7 @@ def test_cpu_attention_with_dropout_computes_what_sdpa_computes(architecture, to
     module = torch.nn.Module()
     module.is_causal = True
     torch.manual_seed(1)
-    out, _ = _attention_with_fast_dropout(module, q, k, v, None, dropout=0.5, scaling=0.25)
+    out, _ = _cpu_training_attention(module, q, k, v, None, dropout=0.5, scaling=0.25)
     scores = (q @ k.transpose(-1, -2) * 0.25).masked_fill(torch.ones(16, 16, dtype=torch.bool).triu(1), float("-inf"))
     probs = scores.softmax(-1)
     torch.manual_seed(1)
@@ -254,13 +254,13 @@ def test_cpu_attention_with_dropout_computes_what_sdpa_computes(architecture, to
 def test_cpu_attention_with_dropout_grouped_queries_and_additive_masks():
     """The cases the presets do not reach: grouped-query attention (2 query heads per key/value head) and an
     additive float mask, against PyTorch's SDPA without dropout (a dropout of 1e-6 drops nothing here)."""
-    from llmkit.tasks import _attention_with_fast_dropout
+    from llmkit.tasks import _cpu_training_attention
 
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 4, 8, 16), torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 16)
     module = torch.nn.Module()
     module.is_causal, module.num_key_value_groups = True, 2
-    out, _ = _attention_with_fast_dropout(module, q, k, v, None, dropout=1e-6, scaling=0.25)
+    out, _ = _cpu_training_attention(module, q, k, v, None, dropout=1e-6, scaling=0.25)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
                                                                 is_causal=True, scale=0.25)
     torch.testing.assert_close(out, expected.transpose(1, 2), atol=1e-5, rtol=1e-4)
@@ -270,7 +270,7 @@ def test_cpu_attention_with_dropout_grouped_queries_and_additive_masks():
     additive[0, :, :, 5:] = torch.finfo(torch.float32).min  # the first sequence: its last 3 keys are padding
     additive[1] = torch.randn(1, 8, 8)  # any bias
     k, v = torch.randn(2, 4, 8, 16), torch.randn(2, 4, 8, 16)
-    out, _ = _attention_with_fast_dropout(module, q, k, v, additive, dropout=1e-6, scaling=0.25)
+    out, _ = _cpu_training_attention(module, q, k, v, additive, dropout=1e-6, scaling=0.25)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=additive, scale=0.25)
     torch.testing.assert_close(out, expected.transpose(1, 2), atol=1e-5, rtol=1e-4)
 
@@ -280,7 +280,7 @@ def test_cpu_attention_with_dropout_grouped_queries_and_additive_masks():
     module.is_causal = True
     q, k, v = torch.randn(2, 4, 8, 16, dtype=torch.float64), *torch.randn(2, 2, 1, 8, 16, dtype=torch.float64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, _ = _attention_with_fast_dropout(module, q, k, v, None, dropout=1e-6, scaling=0.25)
+        out, _ = _cpu_training_attention(module, q, k, v, None, dropout=1e-6, scaling=0.25)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k.expand_as(q), v.expand_as(q), is_causal=True,
                                                                 scale=0.25)
     torch.testing.assert_close(out, expected.transpose(1, 2), atol=1e-6, rtol=1e-6)
@@ -290,7 +290,7 @@ def test_cpu_attention_with_dropout_grouped_queries_and_additive_masks():
 def test_cpu_causal_attention_gradients_match_sdpa(precision):
     """The causal path (mask inside the batched product, no masking in the backward pass, the softmax in the
     input precision): output and gradients of q, k and v against SDPA's, in fp32 and under bf16 autocast."""
-    from llmkit.tasks import _attention_with_fast_dropout
+    from llmkit.tasks import _cpu_training_attention
 
     torch.manual_seed(0)
     inputs = [torch.randn(2, 3, 24, 16).transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
@@ -302,7 +302,7 @@ def test_cpu_causal_attention_gradients_match_sdpa(precision):
     for fast in (True, False):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             if fast:
-                out, _ = _attention_with_fast_dropout(module, *inputs, None, dropout=1e-6, scaling=0.25)
+                out, _ = _cpu_training_attention(module, *inputs, None, dropout=1e-6, scaling=0.25)
             else:
                 out = torch.nn.functional.scaled_dot_product_attention(*inputs, is_causal=True,
                                                                        scale=0.25).transpose(1, 2)
@@ -313,6 +313,46 @@ def test_cpu_causal_attention_gradients_match_sdpa(precision):
     tolerance = dict(atol=1e-5, rtol=1e-4) if precision == "fp32" else dict(atol=0.03, rtol=0.03)
     for fast, reference in zip(*results):
         torch.testing.assert_close(fast, reference, **tolerance)
+
+
+def test_bf16_training_attention_without_dropout_takes_llmkit_path_where_sdpa_is_slow(monkeypatch):
+    """Without dropout, a bf16 training step's attention up to MANUAL_BF16_MAX_LENGTH keys goes through llmkit's
+    path (SDPA's fused backward pass is slow there on a CPU), with SDPA's output and gradients, padding mask
+    included; evaluation, fp32 and longer sequences stay on SDPA."""
+    from llmkit import tasks
+
+    calls = []
+    manual = tasks._manual_attention
+    monkeypatch.setattr(tasks, "_manual_attention", lambda *a, **k: calls.append(a[1].shape[-2]) or manual(*a, **k))
+    torch.manual_seed(0)
+    inputs = [torch.randn(2, 3, 24, 16).requires_grad_() for _ in range(3)]
+    mask = torch.ones(2, 1, 24, 24, dtype=torch.bool)
+    mask[1, :, :, 17:] = False  # the second sequence ends in 7 padding positions
+    grad = torch.randn(2, 24, 3, 16)
+    module = torch.nn.Module()
+    module.is_causal = False
+    results = []
+    for llmkit_path in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if llmkit_path:
+                out, _ = tasks._cpu_training_attention(module, *inputs, mask, scaling=0.25)
+            else:
+                out = torch.nn.functional.scaled_dot_product_attention(*inputs, attn_mask=mask,
+                                                                       scale=0.25).transpose(1, 2)
+        (out.float() * grad).sum().backward()
+        results.append([out.float()] + [x.grad.clone() for x in inputs])
+        for x in inputs:
+            x.grad = None
+    assert calls == [24]
+    for fast, reference in zip(*results):
+        torch.testing.assert_close(fast, reference, atol=0.03, rtol=0.03)
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        tasks._cpu_training_attention(module.eval(), *inputs, mask)  # evaluation
+        long = [torch.randn(1, 2, tasks.MANUAL_BF16_MAX_LENGTH + 1, 8) for _ in range(3)]
+        tasks._cpu_training_attention(module.train(), *long, None)
+    tasks._cpu_training_attention(module, *inputs, mask)  # fp32
+    assert calls == [24]
 
 
 def test_fused_linear_cross_entropy_equals_the_plain_loss_and_gradients():
