@@ -93,7 +93,7 @@ def dropout(repeats: int) -> dict[str, dict[str, float]]:
 def attention(repeats: int) -> dict[str, dict[str, float]]:
     from llmkit.tasks import _manual_attention
 
-    module = torch.nn.Module()  # what the attention reads of its layer: the training flag and causality
+    module = torch.nn.Module()  # what the attention reads of its layer: causality
     out = {}
     for batch, heads, length, causal in ((32, 12, 15, False), (32, 4, 128, False), (16, 6, 256, True),
                                          (8, 12, 512, True), (4, 12, 1024, True)):

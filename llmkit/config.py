@@ -117,7 +117,8 @@ class TrainSettings(LaunchSettings, DataSettings):
     eval_batches: Optional[int] = opt(None, "Evaluate during training on N batches per process, the same sample "
                                       "spread over the whole set each time; the last evaluation uses all "
                                       "(default: all).", check="positive")
-    save_every: Optional[int] = opt(None, "Write a checkpoint every N steps (default: at each evaluation).",
+    save_every: Optional[int] = opt(None, "Write a checkpoint every N steps (default: at each --eval-every, else "
+                                          "about 10 times per run).",
                                     check="positive")
     keep_checkpoints: int = opt(2, "How many recent checkpoints to keep.", check="positive")
     log_every: int = opt(10, "Log loss, learning rate and throughput every N steps.", check="positive")

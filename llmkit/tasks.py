@@ -470,17 +470,19 @@ FAST_ATTENTION = "llmkit_cpu"
 # SDPA's fused kernel, whose backward pass is slow at short lengths on a CPU. Forward + backward of one layer's
 # attention, SDPA against llmkit's path (benchmarks/micro.py --repeats 20, a Zen 4 VM with AVX-512 BF16): in bf16,
 # fine-tuning's 32 x 12 heads x 15 tokens with a padding mask 14.4 against 2.3 ms, MLM's 32 x 4 x 128 33.1 against
-# 10.6, CLM's 16 x 6 x 256 causal 51.6 against 24.5, 8 x 12 x 512 causal 172 against 142; at 1,024 tokens SDPA is
-# ahead (4 x 12 x 1,024 causal 195 against 273 ms), and in fp32 even or ahead at every length (162 against 262 at 512).
-MANUAL_BF16_MAX_LENGTH = 512
+# 10.6, CLM's 16 x 6 x 256 causal 51.6 against 24.5. Beyond 256 the gain shrinks while llmkit's path keeps every
+# layer's probabilities for the backward pass (batch x heads x length^2, which SDPA's fused kernel does not): at 512,
+# 8 x 12 heads causal 172 against 142 ms, at 1,024 SDPA is ahead (195 against 273), and in fp32 SDPA is even or
+# ahead at every length (162 against 262 at 512).
+MANUAL_BF16_MAX_LENGTH = 256
 
 
 def _cpu_training_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
                             scaling: float | None = None, is_causal: bool | None = None, **kwargs):
     """transformers' attention interface, for training on a CPU. With attention dropout, PyTorch's SDPA cannot use
     its fused kernel (it takes no dropout) and falls back to a math path that upcasts q, k and v to fp32 and draws
-    dropout with bernoulli_; without dropout, in bf16, its fused kernel's backward pass is slow at short lengths
-    (MANUAL_BF16_MAX_LENGTH). This computes the same attention - softmax(q k^T * scale + mask), dropout on the
+    dropout with bernoulli_; without dropout, in bf16, its fused kernel's backward pass is slow at short lengths (up
+    to MANUAL_BF16_MAX_LENGTH keys). This computes the same attention - softmax(q k^T * scale + mask), dropout on the
     probabilities, times v - with _dropout_keep's random source and its products in the input precision (the
     softmax computes in fp32 and rounds once): under bf16 autocast, the forward numerics of transformers' eager
     attention up to where the causal path rounds the scaled product, and a backward pass that uses the rounded
@@ -490,10 +492,9 @@ def _cpu_training_attention(module, query, key, value, attention_mask, dropout: 
     that gradient checkpointing recomputes the forward pass on the path that first computed it."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    autocast = torch.is_autocast_enabled("cpu") and query.dtype == torch.float32  # autocast casts fp32 only
-    dtype = torch.get_autocast_dtype("cpu") if autocast else query.dtype
     length = key.shape[-2]
-    slow_sdpa = getattr(module, "training", False) and dtype == torch.bfloat16 and length <= MANUAL_BF16_MAX_LENGTH
+    slow_sdpa = getattr(module, "training", False) and _attention_dtype(query) == torch.bfloat16 \
+        and length <= MANUAL_BF16_MAX_LENGTH
     if not (dropout or slow_sdpa) or query.device.type != "cpu" or query.shape[-2] != length \
             or torch.compiler.is_compiling() \
             or any(kwargs.get(k) is not None for k in ("position_bias", "softcap", "sliding_window")):
@@ -508,8 +509,7 @@ def _manual_attention(module, query, key, value, attention_mask, dropout: float 
     returns it: (batch, queries, heads, head size), None."""
     from transformers.integrations.sdpa_attention import repeat_kv
 
-    autocast = torch.is_autocast_enabled("cpu") and query.dtype == torch.float32  # autocast casts fp32 only
-    dtype = torch.get_autocast_dtype("cpu") if autocast else query.dtype
+    dtype = _attention_dtype(query)
     length = key.shape[-2]
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
@@ -543,6 +543,13 @@ def _manual_attention(module, query, key, value, attention_mask, dropout: float 
     else:
         out = torch.matmul(probs, value)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _attention_dtype(query: torch.Tensor) -> torch.dtype:
+    """The dtype a CPU attention computes its products in: autocast's for fp32 inputs (autocast casts fp32 only),
+    else the inputs' own."""
+    autocast = torch.is_autocast_enabled("cpu") and query.dtype == torch.float32
+    return torch.get_autocast_dtype("cpu") if autocast else query.dtype
 
 
 def use_fast_attention(model: torch.nn.Module) -> bool:

@@ -272,33 +272,45 @@ def make_plan(job: TrainJob, processes: int, precision: str) -> Plan:
         warmup = math.ceil(cfg.warmup_steps * steps)
     else:
         warmup = int(cfg.warmup_steps)
+    tenth = max(1, math.ceil(steps / 10))
     eval_every = cfg.eval_every or max(1, math.ceil(steps / default_evaluations(job, steps, global_batch, micro,
                                                                                  processes)))
+    # checkpoints at each --eval-every, else about ten a run: fewer evaluations by default are no reason to risk
+    # more of a run on a crash
+    save_every = cfg.save_every or cfg.eval_every or tenth
     return Plan(global_batch=global_batch, micro_batch=micro, accumulation=per_process // micro,
                 processes=processes, steps=steps, warmup=warmup,
                 learning_rate=cfg.learning_rate or job.default_learning_rate, steps_per_epoch=steps_per_epoch,
-                eval_every=eval_every, save_every=cfg.save_every or eval_every, precision=precision)
+                eval_every=eval_every, save_every=save_every, precision=precision)
 
 
 EVALUATION_SHARE = 0.2  # without --eval-every, evaluations take at most about this share of the training's compute
 
 
+def eval_batch_size(micro_batch: int) -> int:
+    """The batch size of evaluations during training: the micro-batch, at least 8."""
+    return max(micro_batch, 8)
+
+
 def default_evaluations(job: TrainJob, steps: int, global_batch: int, micro: int, processes: int) -> int:
     """How many evaluations a run makes without --eval-every: 10, or fewer where the evaluation data is large beside
-    the training (SST-2's 872 dev sentences against 2,000 training rows: one, at the end), so that evaluating does
-    not take longer than training. An evaluated token costs a third of a trained one (a forward pass, no backward);
-    the evaluations stay under EVALUATION_SHARE of the training's compute. --patience counts evaluations: 10 then."""
+    the training, so that the evaluations, the last one (always over the whole set) included, take no more than
+    EVALUATION_SHARE of the training's compute, or just the last one where that alone takes more (SST-2's 872 dev
+    sentences against 2,000 training rows). An evaluated token costs a third of a trained one (a forward pass, no
+    backward); with --eval-batches the others score a sample. --patience counts evaluations: 10 then."""
     if job.eval_data is None or getattr(job.cfg, "patience", None) is not None:
         return 10
-    evaluated = len(job.eval_data)
+
+    def mean_length(data) -> float:  # packed blocks have no lengths: each is a block
+        lengths = data.lengths()
+        return float(np.mean(lengths)) if lengths is not None and len(lengths) else job.tokens_per_example or 1.0
+
+    training = 3 * steps * global_batch * mean_length(job.train_data)  # in evaluated tokens' cost
+    full = len(job.eval_data) * mean_length(job.eval_data) / training
     eval_batches = getattr(job.cfg, "eval_batches", None)
-    if eval_batches:  # all but the last evaluation score a sample of this many examples
-        evaluated = min(evaluated, eval_batches * max(micro, 8) * processes)
-    train_lengths, eval_lengths = job.train_data.lengths(), job.eval_data.lengths()
-    per_train = float(np.mean(train_lengths)) if train_lengths is not None and len(train_lengths) else 1.0
-    per_eval = float(np.mean(eval_lengths)) if eval_lengths is not None and len(eval_lengths) else 1.0
-    one_evaluation = evaluated * per_eval / (3 * steps * global_batch * per_train)  # against the training
-    return min(10, max(1, math.floor(EVALUATION_SHARE / max(one_evaluation, 1e-12) + 1e-9)))
+    sample = min(full, eval_batches * eval_batch_size(micro) * processes * mean_length(job.eval_data) / training) \
+        if eval_batches else full
+    return min(10, 1 + math.floor(max(0.0, EVALUATION_SHARE - full) / max(sample, 1e-12) + 1e-9))
 
 
 def better(metric: str, new: float, old: float | None) -> bool:
@@ -367,7 +379,8 @@ def fit(job: TrainJob) -> dict[str, Any]:
                      f"{plan.steps} steps of {plan.global_batch} ({plan.processes} process(es) x "
                      f"{plan.accumulation} accumulation x micro-batch {plan.micro_batch}); "
                      f"lr {plan.learning_rate:g}, warm-up {plan.warmup}; {accelerator.device.type} {precision}"
-                     + (f"; evaluates every {plan.eval_every} steps" if job.eval_data is not None else ""))
+                     + ("" if job.eval_data is None else "; evaluates once, at the end" if plan.eval_every >= plan.steps
+                        else f"; evaluates every {plan.eval_every} steps"))
         if resume_from is not None:
             display.info(f"resuming from {resume_from} at step {start_step}")
         job.record.update(parameters=params, plan=vars(plan))
@@ -560,7 +573,7 @@ def _loop(job, plan, accelerator, model, base_model, optimizer, scheduler, sampl
             paused = time.perf_counter()  # evaluations and saves stay out of the training throughput
             if evaluating:
                 eval_metrics = evaluate_model(job.objective, model, job.eval_data, accelerator,
-                                              batch_size=max(plan.micro_batch, 8), seed=cfg.seed,
+                                              batch_size=eval_batch_size(plan.micro_batch), seed=cfg.seed,
                                               masking=job.masking, max_batches=None if last else cfg.eval_batches,
                                               multi_label=job.multi_label, threshold=job.threshold,
                                               label_names=job.label_names)

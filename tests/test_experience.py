@@ -225,26 +225,30 @@ def _installed(name: str) -> bool:
 
 
 class _Rows(list):
-    """Examples of one length each, as the plan sees training and evaluation data: a count and lengths()."""
+    """Examples as the plan sees training and evaluation data: a count and lengths(), all `length` long (None:
+    packed blocks, whose lengths() is None)."""
 
-    def __init__(self, n: int, length: int):
+    def __init__(self, n: int, length: int | None):
         super().__init__(range(n))
         self.length = length
 
     def lengths(self):
-        return np.full(len(self), self.length)
+        return None if self.length is None else np.full(len(self), self.length)
 
 
-def _plan(n=1000, tokens_per_example=64, eval_data=None, **cfg):
+def _plan(n=1000, tokens_per_example=64, eval_data=None, blocks=True, **cfg):
+    """The plan of a language-model run on `n` packed blocks of `tokens_per_example` tokens, or with blocks=False of
+    a classification run on `n` examples of that many tokens."""
     from llmkit.train import TrainJob, make_plan
 
     settings = dict(global_batch_size=None, micro_batch_size=None, tokens_per_step=None, max_steps=None,
                     max_tokens=None, epochs=None, warmup_steps=None, learning_rate=None, eval_every=None,
                     save_every=None)
     settings.update(cfg)
-    job = TrainJob(cfg=SimpleNamespace(**settings), objective="clm", model=None, tokenizer=None,
-                   train_data=_Rows(n, tokens_per_example), eval_data=eval_data, default_learning_rate=1e-3,
-                   default_global_batch=32, tokens_per_example=tokens_per_example)
+    job = TrainJob(cfg=SimpleNamespace(**settings), objective="clm" if blocks else "classification", model=None,
+                   tokenizer=None, train_data=_Rows(n, None if blocks else tokens_per_example), eval_data=eval_data,
+                   default_learning_rate=1e-3, default_global_batch=32,
+                   tokens_per_example=tokens_per_example if blocks else None)
     return make_plan(job, processes=1, precision="fp32")
 
 
@@ -260,19 +264,25 @@ def test_batch_arithmetic():
 
 
 def test_default_evaluations_take_at_most_a_fifth_of_the_training():
-    """Without --eval-every a run evaluates about ten times, fewer where one evaluation (a forward pass over the
-    evaluation data: a third of a training step's work per token) would be large beside the training."""
-    # 2,000 rows of 13 tokens (62 steps of 32) against 872 rows of 25, as the README's SST-2 example: at the end only
-    plan = _plan(2000, tokens_per_example=13, eval_data=_Rows(872, 25))
-    assert plan.steps == 62 and plan.eval_every == 62 and plan.save_every == 62
-    # 60,000 rows against the same 872: evaluating is cheap beside the training, so ten times as before
-    assert _plan(60_000, tokens_per_example=13, eval_data=_Rows(872, 25)).eval_every == math.ceil(1875 / 10)
+    """Without --eval-every a run evaluates about ten times, fewer where the evaluations (a forward pass over the
+    evaluation data: a third of a training step's work per token), the last one over the whole set included, would
+    take over a fifth of the training; checkpoints stay at about ten a run."""
+    def plan(rows, **cfg):  # SST-2-like rows of 13 tokens, evaluated on 872 rows of 25
+        return _plan(rows, tokens_per_example=13, eval_data=_Rows(872, 25), blocks=False, **cfg)
+
+    # 2,000 rows (62 steps of 32): the last evaluation alone costs 872 * 25 / (3 * 62 * 32 * 13) = 28 %
+    assert (plan(2000).steps, plan(2000).eval_every, plan(2000).save_every) == (62, 62, 7)
     # 8,000 rows: one evaluation costs 872 * 25 / (3 * 250 * 32 * 13) = 7 % of the training, two fit in a fifth
-    assert _plan(8000, tokens_per_example=13, eval_data=_Rows(872, 25)).eval_every == math.ceil(250 / 2)
-    # a sample of --eval-batches batches counts as what it scores; --eval-every and --patience keep their cadence
-    assert _plan(2000, tokens_per_example=13, eval_data=_Rows(872, 25), eval_batches=2).eval_every == 7
-    assert _plan(2000, tokens_per_example=13, eval_data=_Rows(872, 25), eval_every=5).eval_every == 5
-    assert _plan(2000, tokens_per_example=13, eval_data=_Rows(872, 25), patience=3).eval_every == 7
+    assert plan(8000).eval_every == 125
+    # a sample of 10 batches (320 rows: 2.6 %) beside the last, full one: 1 + 5
+    assert plan(8000, eval_batches=10).eval_every == math.ceil(250 / 6)
+    # 60,000 rows: evaluating is cheap beside the training, so ten times as before
+    assert plan(60_000).eval_every == math.ceil(1875 / 10)
+    # --patience counts evaluations: ten; --eval-every is kept and sets the checkpoints too
+    assert plan(8000, patience=3).eval_every == 25
+    assert (plan(8000, eval_every=5).eval_every, plan(8000, eval_every=5).save_every) == (5, 5)
+    # packed blocks of 64 tokens (lengths() None): 100 evaluated against 31 steps of 32 trained, 3.4 % each
+    assert _plan(1000, eval_data=_Rows(100, None)).eval_every == math.ceil(31 / 5)
 
 
 def test_schedule_shape():

@@ -286,6 +286,18 @@ def test_cpu_attention_with_dropout_grouped_queries_and_additive_masks():
     torch.testing.assert_close(out, expected.transpose(1, 2), atol=1e-6, rtol=1e-6)
 
 
+def _output_and_gradients(inputs: list[torch.Tensor], grad: torch.Tensor, bf16: bool, attend) -> list[torch.Tensor]:
+    """The attention output of `attend()` (computed under bf16 autocast or not) and the gradients of its inputs for
+    the upstream gradient `grad`, in fp32; the inputs' gradients are cleared for the next call."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = attend()
+    (out.float() * grad).sum().backward()
+    result = [out.float()] + [x.grad.clone() for x in inputs]
+    for x in inputs:
+        x.grad = None
+    return result
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_cpu_causal_attention_gradients_match_sdpa(precision):
     """The causal path (mask inside the batched product, no masking in the backward pass, the softmax in the
@@ -298,18 +310,9 @@ def test_cpu_causal_attention_gradients_match_sdpa(precision):
     grad = torch.randn(2, 24, 3, 16)
     module = torch.nn.Module()
     module.is_causal = True
-    results = []
-    for fast in (True, False):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            if fast:
-                out, _ = _cpu_training_attention(module, *inputs, None, dropout=1e-6, scaling=0.25)
-            else:
-                out = torch.nn.functional.scaled_dot_product_attention(*inputs, is_causal=True,
-                                                                       scale=0.25).transpose(1, 2)
-        (out.float() * grad).sum().backward()
-        results.append([out.float()] + [x.grad.clone() for x in inputs])
-        for x in inputs:
-            x.grad = None
+    results = [_output_and_gradients(inputs, grad, precision == "bf16", attend) for attend in (
+        lambda: _cpu_training_attention(module, *inputs, None, dropout=1e-6, scaling=0.25)[0],
+        lambda: torch.nn.functional.scaled_dot_product_attention(*inputs, is_causal=True, scale=0.25).transpose(1, 2))]
     tolerance = dict(atol=1e-5, rtol=1e-4) if precision == "fp32" else dict(atol=0.03, rtol=0.03)
     for fast, reference in zip(*results):
         torch.testing.assert_close(fast, reference, **tolerance)
@@ -331,28 +334,25 @@ def test_bf16_training_attention_without_dropout_takes_llmkit_path_where_sdpa_is
     grad = torch.randn(2, 24, 3, 16)
     module = torch.nn.Module()
     module.is_causal = False
-    results = []
-    for llmkit_path in (True, False):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            if llmkit_path:
-                out, _ = tasks._cpu_training_attention(module, *inputs, mask, scaling=0.25)
-            else:
-                out = torch.nn.functional.scaled_dot_product_attention(*inputs, attn_mask=mask,
-                                                                       scale=0.25).transpose(1, 2)
-        (out.float() * grad).sum().backward()
-        results.append([out.float()] + [x.grad.clone() for x in inputs])
-        for x in inputs:
-            x.grad = None
+    results = [_output_and_gradients(inputs, grad, True, attend) for attend in (
+        lambda: tasks._cpu_training_attention(module, *inputs, mask, scaling=0.25)[0],
+        lambda: torch.nn.functional.scaled_dot_product_attention(*inputs, attn_mask=mask, scale=0.25).transpose(1, 2))]
     assert calls == [24]
     for fast, reference in zip(*results):
         torch.testing.assert_close(fast, reference, atol=0.03, rtol=0.03)
 
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        tasks._cpu_training_attention(module.eval(), *inputs, mask)  # evaluation
-        long = [torch.randn(1, 2, tasks.MANUAL_BF16_MAX_LENGTH + 1, 8) for _ in range(3)]
-        tasks._cpu_training_attention(module.train(), *long, None)
+    # the module's training flag decides, not the grad mode (gradient checkpointing's first pass runs without
+    # grad): evaluation with grad on stays on SDPA, training without grad takes llmkit's path, up to the limit
+    at_limit, beyond = ([torch.randn(1, 2, n, 8) for _ in range(3)] for n in (tasks.MANUAL_BF16_MAX_LENGTH,
+                                                                             tasks.MANUAL_BF16_MAX_LENGTH + 1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tasks._cpu_training_attention(module.eval(), *inputs, mask)
+        with torch.no_grad():
+            tasks._cpu_training_attention(module.train(), *inputs, mask)
+            tasks._cpu_training_attention(module, *at_limit, None)
+            tasks._cpu_training_attention(module, *beyond, None)
     tasks._cpu_training_attention(module, *inputs, mask)  # fp32
-    assert calls == [24]
+    assert calls == [24, 24, tasks.MANUAL_BF16_MAX_LENGTH]
 
 
 def test_fused_linear_cross_entropy_equals_the_plain_loss_and_gradients():
