@@ -83,7 +83,8 @@ def report(seconds: dict[str, list[tuple[float, int]]], skip: int) -> None:
         kept = np.array([s for s, step in seconds[name] if step >= skip]) * 1e3
         if len(kept):
             p25, median, p75 = np.percentile(kept, [25, 50, 75])
-            print(f"{name:18s} {len(kept):6d} {median:10.1f} {p25:8.1f} {p75:8.1f} {kept.mean():8.1f} {kept.sum() / 1e3:8.1f}")
+            print(f"{name:18s} {len(kept):6d} {median:10.1f} {p25:8.1f} {p75:8.1f} {kept.mean():8.1f} "
+                  f"{kept.sum() / 1e3:8.1f}")
 
 
 if __name__ == "__main__":

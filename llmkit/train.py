@@ -306,10 +306,10 @@ def default_evaluations(job: TrainJob, steps: int, global_batch: int, micro: int
         return float(np.mean(lengths)) if lengths is not None and len(lengths) else job.tokens_per_example or 1.0
 
     training = 3 * steps * global_batch * mean_length(job.train_data)  # in evaluated tokens' cost
-    full = len(job.eval_data) * mean_length(job.eval_data) / training
+    per_example = mean_length(job.eval_data) / training
+    full = len(job.eval_data) * per_example
     eval_batches = getattr(job.cfg, "eval_batches", None)
-    sample = min(full, eval_batches * eval_batch_size(micro) * processes * mean_length(job.eval_data) / training) \
-        if eval_batches else full
+    sample = min(full, eval_batches * eval_batch_size(micro) * processes * per_example) if eval_batches else full
     return min(10, 1 + math.floor(max(0.0, EVALUATION_SHARE - full) / max(sample, 1e-12) + 1e-9))
 
 
