@@ -8,7 +8,9 @@
   bool mask (_dropout_keep, then to the dtype and scale), against the numpy factors of tasks._dropout_scale;
 - attention without dropout, forward + backward, in training: PyTorch's SDPA against tasks._manual_attention (the
   path of tasks._cpu_training_attention), in bf16 and fp32, at the shapes of the benchmarks' fine-tuning (with a
-  padding mask), MLM and CLM steps and at 512 and 1,024 tokens (what tasks.MANUAL_BF16_MAX_LENGTH rests on).
+  padding mask), MLM and CLM steps and at 512 and 1,024 tokens (what tasks.MANUAL_BF16_MAX_LENGTH rests on);
+- the attention's softmax, forward + backward, over fine-tuning's short rows and longer ones, bf16 and fp32:
+  torch.softmax against tasks._softmax (which pads rows shorter than 16 keys and computes short bf16 rows in fp32).
 Not part of `make bench`: these time pieces, not workloads.
 """
 
@@ -120,6 +122,22 @@ def attention(repeats: int) -> dict[str, dict[str, float]]:
     return out
 
 
+def softmax(repeats: int) -> dict[str, dict[str, float]]:
+    from llmkit.tasks import _softmax
+
+    out = {}
+    # fine-tuning's 32 sentences x 12 heads at key lengths its batches have, and longer rows that keep PyTorch's
+    for keys in (8, 15, 24, 40, 64):
+        for dtype in (torch.bfloat16, torch.float32):
+            torch.manual_seed(0)
+            scores = torch.randn(32, 12, keys, keys, dtype=dtype, requires_grad=True)
+            grad = torch.randn(32, 12, keys, keys, dtype=dtype)
+            name = f"32x12x{keys} {str(dtype).removeprefix('torch.')}"
+            out[name] = medians_ms(repeats, {"torch.softmax": lambda: torch.softmax(scores, -1).backward(grad),
+                                             "llmkit _softmax": lambda: _softmax(scores).backward(grad)})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=30)
@@ -127,6 +145,8 @@ def main() -> None:
     print("clip + AdamW step, MiniLM (ms):", {k: round(v, 1) for k, v in clip_and_step(repeats).items()})
     for shape, figures in dropout(repeats).items():
         print(f"dropout fwd+bwd {shape} (ms):", {k: round(v, 3) for k, v in figures.items()})
+    for shape, figures in softmax(repeats).items():
+        print(f"attention softmax fwd+bwd {shape} (ms):", {k: round(v, 3) for k, v in figures.items()})
     for shape, figures in attention(repeats).items():
         print(f"attention fwd+bwd {shape} (ms):", {k: round(v, 2) for k, v in figures.items()})
 
