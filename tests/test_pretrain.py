@@ -358,7 +358,6 @@ def test_bf16_training_attention_without_dropout_takes_llmkit_path_where_sdpa_is
     assert calls == [24, 24, tasks.MANUAL_BF16_MAX_LENGTH]
 
 
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_attention_softmax_of_short_rows_equals_pytorchs(dtype):
     """tasks._softmax, at key lengths on each of its paths (padded to 16 keys, computed in fp32, PyTorch's own):
@@ -386,6 +385,7 @@ def test_attention_softmax_of_short_rows_equals_pytorchs(dtype):
         torch.testing.assert_close(scores.grad.double(), exact.grad, **tolerance)
         torch.testing.assert_close(probs[1, 0].double(), torch.full((7, keys), 1 / keys, dtype=torch.float64),
                                    **tolerance)
+
 
 def test_fused_linear_cross_entropy_equals_the_plain_loss_and_gradients():
     """linear_cross_entropy (chunked, gradients computed in the forward pass) against F.cross_entropy over the
