@@ -10,7 +10,8 @@
   path of tasks._cpu_training_attention), in bf16 and fp32, at the shapes of the benchmarks' fine-tuning (with a
   padding mask), MLM and CLM steps and at 512 and 1,024 tokens (what tasks.MANUAL_BF16_MAX_LENGTH rests on);
 - the attention's softmax, forward + backward, over fine-tuning's short rows and longer ones, bf16 and fp32:
-  torch.softmax against tasks._softmax (which pads rows shorter than 16 keys and computes short bf16 rows in fp32).
+  torch.softmax against tasks._softmax (which computes short rows in fp32, padded to 16 keys below 16) and against
+  computing every row in fp32.
 Not part of `make bench`: these time pieces, not workloads.
 """
 
@@ -126,15 +127,18 @@ def softmax(repeats: int) -> dict[str, dict[str, float]]:
     from llmkit.tasks import _softmax
 
     out = {}
-    # fine-tuning's 32 sentences x 12 heads at key lengths its batches have, and longer rows that keep PyTorch's
-    for keys in (8, 15, 24, 40, 64):
+    # fine-tuning's 32 sentences x 12 heads at key lengths its batches have; below 10 bf16 keys (8 fp32) and from 32
+    # bf16 keys (16 fp32) on, _softmax is PyTorch's own, and "fp32 pass" shows what a row in fp32 would cost there
+    for keys in (4, 8, 12, 15, 24, 40, 72):
         for dtype in (torch.bfloat16, torch.float32):
             torch.manual_seed(0)
             scores = torch.randn(32, 12, keys, keys, dtype=dtype, requires_grad=True)
             grad = torch.randn(32, 12, keys, keys, dtype=dtype)
             name = f"32x12x{keys} {str(dtype).removeprefix('torch.')}"
-            out[name] = medians_ms(repeats, {"torch.softmax": lambda: torch.softmax(scores, -1).backward(grad),
-                                             "llmkit _softmax": lambda: _softmax(scores).backward(grad)})
+            out[name] = medians_ms(repeats, {
+                "torch.softmax": lambda: torch.softmax(scores, -1).backward(grad),
+                "llmkit _softmax": lambda: _softmax(scores).backward(grad),
+                "fp32 pass": lambda: torch.softmax(scores, -1, dtype=torch.float32).to(dtype).backward(grad)})
     return out
 
 

@@ -546,25 +546,29 @@ def _manual_attention(module, query, key, value, attention_mask, dropout: float 
 
 
 def _softmax(scores: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dimension (keys), computed in fp32 and rounded once to the scores' dtype, as PyTorch's
-    CPU softmax computes bf16. That kernel runs each row by whole vectors (16 fp32 or 32 bf16 values) and the rest
-    of the row element by element, so short rows - fine-tuning's sentences - run mostly element by element. Rows of
-    fewer than 16 keys are therefore padded to 16 with -inf (which weighs nothing) and computed in fp32, and bf16 rows
-    of 16 to 63 keys that are no multiple of 32 in fp32. Forward + backward over 32 x 12 heads (benchmarks/micro.py,
-    a Zen 4 VM): bf16 at 15 keys 0.75 -> 0.27 ms, at 24 keys 1.26 -> 0.34, at 40 1.10 -> 0.75; fp32 at 15 keys
-    1.08 -> 0.21. Longer rows and other devices keep PyTorch's softmax as it is: there the extra fp32 passes would
-    cost more than the tail saves (bf16 at 64 keys 1.23 against 1.28 ms)."""
+    """Softmax over the last dimension (keys) of fp32 or bf16 scores, rounded once to their dtype. PyTorch's CPU
+    softmax runs each row by whole vectors (16 fp32 or 32 bf16 values under AVX-512) and the rest of the row element
+    by element, so short rows - fine-tuning's sentences - run mostly element by element, at a cost that grows with
+    that rest. Here bf16 rows of 10 to 31 keys are computed in fp32, and rows of fewer than 16 keys (from 8 in fp32,
+    10 in bf16) are first padded to 16 with -inf, which weighs nothing: a row masked whole with the finite lowest
+    value still spreads over its real keys only. Forward + backward over 32 x 12 heads (benchmarks/micro.py, a Zen 4
+    VM with AVX-512, three runs): bf16 at 12 keys 0.51-0.52 -> 0.28-0.31 ms, 15 keys 0.76-0.77 -> 0.32-0.35, 24 keys
+    1.24-1.48 -> 0.36-0.59; fp32 at 8 keys 0.36-0.43 -> 0.26-0.29, 15 keys 1.09-1.12 -> 0.27-0.28. Shorter rows (bf16
+    at 4 and 8 keys 0.09-0.10 and 0.23-0.27 ms as they are, 0.24 and 0.34-0.36 padded) and bf16 rows from 32 keys
+    on keep PyTorch's softmax, as other dtypes and devices do: there the fp32 pass was ahead in one run of three (40
+    keys 1.08 -> 0.73), even in the others, and slower at 72-80 keys. Where the fp32 pass runs, the backward pass
+    works from the fp32 probabilities (autograd keeps them beside the rounded ones: batch x heads x queries x 16-31
+    keys) rather than from the rounded ones as PyTorch's bf16 softmax does: gradients that differ from its by bf16
+    rounding, nearer the exact ones."""
     keys, dtype = scores.shape[-1], scores.dtype
-    if dtype == torch.float32:
-        short = keys < 16
-    else:
-        short = dtype == torch.bfloat16 and keys < 64 and keys % 32 != 0
+    short = 8 <= keys < 16 if dtype == torch.float32 else dtype == torch.bfloat16 and 10 <= keys < 32
     if not short or scores.device.type != "cpu":
         return torch.softmax(scores, dim=-1)  # on a CPU, bf16 softmax computes in fp32 and rounds once at the end
     if keys >= 16:
         return torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
     padded = torch.nn.functional.pad(scores, (0, 16 - keys), value=float("-inf"))
-    return torch.softmax(padded, dim=-1, dtype=torch.float32)[..., :keys].to(dtype)
+    # contiguous: an fp32 slice would otherwise stay a view with rows 16 apart (.to copies bf16 anyway)
+    return torch.softmax(padded, dim=-1, dtype=torch.float32)[..., :keys].to(dtype).contiguous()
 
 
 def _attention_dtype(query: torch.Tensor) -> torch.dtype:
