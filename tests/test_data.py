@@ -182,6 +182,24 @@ def test_file_tables_read_by_pyarrow_alone_match_datasets(shared, tmp_path):
     assert list(src.read_file_table(src.resolve([str(inner)])[0])["text"]) == ["good", "bad", "  "]
 
 
+def test_tokenizing_text_imports_no_pandas(shakespeare, tokenizer_dir, tmp_path):
+    """The Arrow cache's arrays come from numpy buffers (data._arrow_int32), not pa.array, whose first call
+    imports pandas inside tokenizing's timed pass: tokenizing a text file, with a validation split, imports no
+    pandas and writes every token."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from llmkit import data; from llmkit.tokenizer import load_tokenizer; "
+              f"c = data.tokenize_corpus([{str(shakespeare)!r}], load_tokenizer({str(tokenizer_dir)!r}), "
+              f"validation_split=0.1, output={str(tmp_path / 'c')!r}); pandas = 'pandas' in sys.modules; "
+              # reading the splits back goes through datasets, which imports pandas: after the check
+              "print(c.info['tokens'] + c.info['validation_tokens'], c.stream('train').n_tokens "
+              "+ c.validation_stream().n_tokens, pandas)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    written, read, pandas = done.stdout.split()
+    assert written == read and int(read) > 1000 and pandas == "False"
+
+
 def test_step_sampler_is_independent_of_processes_and_accumulation():
     sampler = pipeline.StepSampler(100, 8, seed=3)
     for step in (0, 5, 12, 13):  # 12 steps per epoch: 13 is in the second epoch
