@@ -31,7 +31,8 @@ from llmkit import display
 from llmkit.errors import LlmkitError, UsageError
 from llmkit.evaluation import evaluate_model
 from llmkit.rundir import RunDir
-from llmkit.tasks import Masking, batch_loss, compile_for_training, use_fast_attention, use_fast_dropout
+from llmkit.tasks import (Masking, batch_loss, compile_for_training, use_fast_attention, use_fast_dropout,
+                          use_fast_gelu)
 
 
 class Interrupted(LlmkitError):
@@ -334,6 +335,7 @@ def fit(job: TrainJob) -> dict[str, Any]:
     base_model.to(accelerator.device)
     if accelerator.device.type == "cpu":
         use_fast_dropout(base_model)
+        use_fast_gelu(base_model)
         use_fast_attention(base_model)
     optimizer = make_optimizer(base_model, plan.learning_rate, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -386,3 +386,47 @@ def test_fast_dropout_is_dropout():
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16))
     assert use_fast_dropout(model) == 1 + 2 * 3  # embeddings, and per block attention, residual, MLP
     assert not any(type(m) is torch.nn.Dropout for m in model.modules())
+
+
+def test_fast_gelu_is_the_tanh_gelu():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from llmkit.tasks import GELU_CHUNK, GELU_MIN, FastGeluTanh, use_fast_gelu
+
+    torch.manual_seed(0)
+    gelu = FastGeluTanh()
+    # a size over a chunk that is not a multiple of it, a value range wider than activations reach
+    x64 = torch.cat([torch.linspace(-12, 12, 100_001, dtype=torch.float64),
+                     torch.randn(GELU_CHUNK + 12_345, dtype=torch.float64) * 3]).view(-1, 7)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = x64.to(dtype).requires_grad_()
+        y = gelu(x).detach()
+        reference = torch.nn.functional.gelu(x.detach(), approximate="tanh")
+        exact = torch.nn.functional.gelu(x.detach().double(), approximate="tanh")
+        assert y.dtype == dtype and y.shape == x.shape
+        # as close to the exact function as PyTorch's kernel, within a rounding step of the largest output
+        ours, theirs = (y.double() - exact).abs(), (reference.double() - exact).abs()
+        ulp = 2.0 ** -23 if dtype == torch.float32 else 2.0 ** -8
+        assert ours.max() <= theirs.max() + ulp * exact.abs().max(), (dtype, ours.max(), theirs.max())
+        if dtype == torch.bfloat16:  # computed in fp32 either way, rounded once: mostly the same bf16 values
+            differ = y != reference
+            assert differ[x.detach().abs() < 3].float().mean() < 0.01
+            # the others in the far negative tail, where 1 + tanh cancels and the sigmoid form is the closer
+            assert (ours[differ] < theirs[differ]).float().mean() > 0.6
+        grad = torch.randn_like(x)
+        out = gelu(x)
+        assert type(out.grad_fn).__name__ == "_GeluTanhBackward"  # the chunked path, not PyTorch's kernel
+        out.backward(grad)
+        # the backward pass is PyTorch's own tanh-GELU derivative: the same gradient, bit for bit
+        assert torch.equal(x.grad, torch.ops.aten.gelu_backward(grad, x.detach(), approximate="tanh"))
+    small = torch.randn(GELU_MIN - 1)
+    assert torch.equal(gelu(small), torch.nn.functional.gelu(small, approximate="tanh"))
+    strided = torch.randn(GELU_MIN, 2)[:, 0]  # not contiguous: PyTorch's kernel
+    assert torch.equal(gelu(strided), torch.nn.functional.gelu(strided, approximate="tanh"))
+
+    for activation in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu"):
+        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16,
+                                           activation_function=activation))
+        keys = model.state_dict().keys()
+        assert use_fast_gelu(model) == (0 if activation == "gelu" else 2)  # the erf GELU is another function
+        assert model.state_dict().keys() == keys and model.config.activation_function == activation
