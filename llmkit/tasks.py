@@ -484,8 +484,8 @@ def _gelu_tanh_forward(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(x)
     flat, dest = x.view(-1), out.view(-1)
     size = min(GELU_CHUNK, flat.numel())
-    work = torch.empty(size, dtype=torch.float32)
-    upcast = torch.empty(size, dtype=torch.float32) if x.dtype != torch.float32 else None
+    work = torch.empty(size, dtype=torch.float32, device=x.device)
+    upcast = torch.empty(size, dtype=torch.float32, device=x.device) if x.dtype != torch.float32 else None
     for start in range(0, flat.numel(), size):
         part = flat[start:start + size]
         n = part.numel()
@@ -516,7 +516,7 @@ class _GeluTanh(torch.autograd.Function):
 
 
 class FastGeluTanh(torch.nn.Module):
-    """The tanh-approximated GELU (transformers' gelu_pytorch_tanh, gelu_new, gelu_fast), with the forward pass of
+    """The tanh-approximated GELU (transformers' gelu_pytorch_tanh, gelu_new, gelu_fast, ...), with the forward pass of
     _gelu_tanh_forward for large contiguous fp32 and bf16 CPU tensors; anything else (small tensors, other dtypes
     and devices, a model being compiled, whose compiler fuses the activation itself) takes PyTorch's kernel."""
 
@@ -673,17 +673,18 @@ def use_fast_dropout(model: torch.nn.Module) -> int:
 
 
 def use_fast_gelu(model: torch.nn.Module) -> int:
-    """Swap the model's tanh-approximated GELU modules (transformers' gelu_pytorch_tanh, gelu_new and gelu_fast,
-    the same function written three ways) for FastGeluTanh; returns how many. For CPUs, as use_fast_dropout: no
+    """Swap the model's tanh-approximated GELU modules (transformers' gelu_pytorch_tanh, gelu_python_tanh,
+    gelu_new, gelu_fast and gelu_accurate: the same function written several ways) for FastGeluTanh; returns how many. For CPUs, as use_fast_dropout: no
     parameters, so saved models and their configs are unchanged."""
     from transformers import activations
 
-    names = ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation", "FastGELUActivation")  # PytorchGELUTanh: before 5
+    names = ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation", "FastGELUActivation",  # PytorchGELUTanh: before 5
+             "AccurateGELUActivation")
     tanh_gelus = tuple(getattr(activations, name) for name in names if hasattr(activations, name))
     swapped = 0
     for module in list(model.modules()):
         for name, child in module.named_children():
-            if isinstance(child, tanh_gelus):
+            if type(child) in tanh_gelus:  # not subclasses (remote code), which may compute something else
                 setattr(module, name, FastGeluTanh())
                 swapped += 1
     return swapped
