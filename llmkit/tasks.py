@@ -9,7 +9,7 @@ when micro-batches hold different numbers of masked tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -660,34 +660,35 @@ def use_fast_attention(model: torch.nn.Module) -> bool:
     return True
 
 
-def use_fast_dropout(model: torch.nn.Module) -> int:
-    """Swap the model's nn.Dropout modules for FastDropout (same p; no parameters, so saved models are
-    unchanged); returns how many. For CPUs: on GPUs nn.Dropout is already a fused kernel."""
+def _swap_children(model: torch.nn.Module, replacement: Callable[[torch.nn.Module], torch.nn.Module | None]) -> int:
+    """Replace each submodule for which `replacement` returns a module; returns how many."""
     swapped = 0
     for module in list(model.modules()):
         for name, child in module.named_children():
-            if type(child) is torch.nn.Dropout:
-                setattr(module, name, FastDropout(child.p))
+            new = replacement(child)
+            if new is not None:
+                setattr(module, name, new)
                 swapped += 1
     return swapped
 
 
+def use_fast_dropout(model: torch.nn.Module) -> int:
+    """Swap the model's nn.Dropout modules for FastDropout (same p; no parameters, so saved models are
+    unchanged); returns how many. For CPUs: on GPUs nn.Dropout is already a fused kernel."""
+    return _swap_children(model, lambda child: FastDropout(child.p) if type(child) is torch.nn.Dropout else None)
+
+
 def use_fast_gelu(model: torch.nn.Module) -> int:
     """Swap the model's tanh-approximated GELU modules (transformers' gelu_pytorch_tanh, gelu_python_tanh,
-    gelu_new, gelu_fast and gelu_accurate: the same function written several ways) for FastGeluTanh; returns how many. For CPUs, as use_fast_dropout: no
-    parameters, so saved models and their configs are unchanged."""
+    gelu_new, gelu_fast and gelu_accurate: the same function written several ways) for FastGeluTanh; returns how
+    many. For CPUs, as use_fast_dropout: no parameters, so saved models and their configs are unchanged. The exact
+    classes only: a subclass (remote code) may compute something else."""
     from transformers import activations
 
     names = ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation", "FastGELUActivation",  # PytorchGELUTanh: before 5
              "AccurateGELUActivation")
     tanh_gelus = tuple(getattr(activations, name) for name in names if hasattr(activations, name))
-    swapped = 0
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if type(child) in tanh_gelus:  # not subclasses (remote code), which may compute something else
-                setattr(module, name, FastGeluTanh())
-                swapped += 1
-    return swapped
+    return _swap_children(model, lambda child: FastGeluTanh() if type(child) in tanh_gelus else None)
 
 
 def compile_for_training(model: torch.nn.Module, objective: str) -> None:
