@@ -354,6 +354,7 @@ def _class_weights(spec: str, labels, n_classes: int):
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """Score a model: perplexity for language models, accuracy / F1 / per-class figures for classifiers."""
     from llmkit import data as pipeline
+    from llmkit import sources as src
     from llmkit import tasks
     from llmkit.evaluation import OFFLINE_METRICS, evaluate_model, hub_metric, saved_thresholds
     from llmkit.tokenizer import load_tokenizer
@@ -366,6 +367,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     objective = tasks.objective_of(cfg.model, cfg.trust_remote_code)
     if not cfg.data and not cfg.eval_data:
         raise UsageError("give the data to score: --eval-data FILE (or --data FILE with --split)")
+    data_flag = "--eval-data" if cfg.eval_data else "--data"
+    src.resolve(cfg.eval_data or cfg.data, data_flag)  # a missing file fails now, under its own flag
     tokenizer = load_tokenizer(cfg.tokenizer if hasattr(cfg, "tokenizer") and cfg.tokenizer else cfg.model,
                                cfg.trust_remote_code)
     accelerator, precision = make_accelerator(cfg.precision)
@@ -403,7 +406,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
                 data, tokenizer, labels, text_column=cfg.text_column, text_pair_column=cfg.text_pair_column,
                 label_column=cfg.label_column, max_length=max_length, multi_label=multi,
                 max_samples=cfg.max_samples, cache_dir=cfg.cache_dir, trust_remote_code=cfg.trust_remote_code,
-                flag="--eval-data" if cfg.eval_data else "--data", require_labels=False)
+                flag=data_flag, require_labels=False)
         if use_held_out and cfg.validation_split > 0:
             dataset = dataset.train_test_split(test_size=cfg.validation_split, seed=pipeline.VALIDATION_SEED)["test"]
         examples = pipeline.LabeledExamples(dataset, tokenizer.pad_token_id or 0)
