@@ -82,8 +82,11 @@ class Outcome:
 class Bench:
     """One benchmark's run: its settings, scratch directory, logs and command runner."""
 
-    def __init__(self, name: str, quick: bool, rounds: int):
+    def __init__(self, name: str, quick: bool, rounds: int, cpu_only: bool = True):
         self.name, self.quick, self.rounds = name, quick, rounds
+        # The anchors train on the CPU even where there is a GPU (use_cpu=True), so that llmkit runs on the same
+        # hardware its commands hide CUDA devices, except in a benchmark that is about the GPU (cpu_only=False).
+        self.cpu_only = cpu_only
         self.work = RESULTS / "work" / name
         self.logs = RESULTS / "logs" / name
         for directory in (self.work, self.logs):
@@ -101,6 +104,8 @@ class Bench:
         env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                    LLMKIT_CACHE=str(self.work / "cache"))
         env.pop("TOKENIZERS_PARALLELISM", None)  # every command starts as a fresh process would
+        if self.cpu_only:
+            env["CUDA_VISIBLE_DEVICES"] = ""
         env.update(extra)
         return env
 
@@ -193,6 +198,28 @@ def gemm_peaks(seconds: float = 1.5) -> dict[str, float]:
         return 2 * 1024 ** 3 * count / (time.perf_counter() - start) / 1e9
 
     return {"fp32": peak(torch.float32), "bf16": peak(torch.bfloat16)}
+
+
+def cuda_peak(seconds: float = 1.0, size: int = 8192) -> dict[str, Any]:
+    """The first CUDA GPU's name and the GFLOP/s of a size^3 bf16 matmul on it (the products' time from CUDA
+    events, after warm-up)."""
+    import torch
+
+    a = torch.randn(size, size, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(size, size, dtype=torch.bfloat16, device="cuda")
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    count, begun = 0, time.perf_counter()
+    start.record()
+    while time.perf_counter() - begun < seconds:
+        a @ b
+        count += 1
+    end.record()
+    torch.cuda.synchronize()
+    return {"gpu": torch.cuda.get_device_name(0),
+            "bf16": 2 * size ** 3 * count / (start.elapsed_time(end) / 1e3) / 1e9}
 
 
 def json_line(text: str) -> dict[str, Any]:

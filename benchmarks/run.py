@@ -24,13 +24,14 @@ import bench_accuracy
 import bench_classify
 import bench_clm
 import bench_finetune
+import bench_gpt2
 import bench_mlm
 import bench_sst2
 import bench_tokenize
 from harness import RESULTS, Bench, Row, console, print_table, write_json
 
 BENCHMARKS = {"clm": bench_clm, "mlm": bench_mlm, "finetune": bench_finetune, "accuracy": bench_accuracy,
-              "tokenize": bench_tokenize, "classify": bench_classify, "sst2": bench_sst2}
+              "tokenize": bench_tokenize, "classify": bench_classify, "sst2": bench_sst2, "gpt2": bench_gpt2}
 
 
 def parse_args() -> argparse.Namespace:
@@ -55,7 +56,7 @@ def parse_args() -> argparse.Namespace:
 
 def run_one(name: str, quick: bool, rounds: int | None) -> dict:
     module = BENCHMARKS[name]
-    bench = Bench(name, quick, rounds or module.default_rounds(quick))
+    bench = Bench(name, quick, rounds or module.default_rounds(quick), cpu_only=getattr(module, "CPU_ONLY", True))
     start, load = time.perf_counter(), os.getloadavg()[0]
     console.rule(f"{name}: {bench.rounds} round(s){' (quick)' if quick else ''}")
     try:
