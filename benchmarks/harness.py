@@ -84,8 +84,8 @@ class Bench:
 
     def __init__(self, name: str, quick: bool, rounds: int, cpu_only: bool = True):
         self.name, self.quick, self.rounds = name, quick, rounds
-        # The anchors train on the CPU even where there is a GPU (use_cpu=True), so that llmkit runs on the same
-        # hardware its commands hide CUDA devices, except in a benchmark that is about the GPU (cpu_only=False).
+        # The anchors train on the CPU even where there is a GPU (use_cpu=True). So that llmkit runs on the same
+        # hardware, its commands see no CUDA device, except in a benchmark about the GPU (cpu_only=False).
         self.cpu_only = cpu_only
         self.work = RESULTS / "work" / name
         self.logs = RESULTS / "logs" / name
@@ -200,26 +200,46 @@ def gemm_peaks(seconds: float = 1.5) -> dict[str, float]:
     return {"fp32": peak(torch.float32), "bf16": peak(torch.bfloat16)}
 
 
-def cuda_peak(seconds: float = 1.0, size: int = 8192) -> dict[str, Any]:
-    """The first CUDA GPU's name and the GFLOP/s of a size^3 bf16 matmul on it (the products' time from CUDA
-    events, after warm-up)."""
+def cuda_peaks(seconds: float = 1.0, size: int = 8192) -> dict[str, Any]:
+    """The first CUDA GPU's name and the GFLOP/s of a size^3 product on it in bf16 (where the GPU has it natively)
+    and fp16, timed with CUDA events after warm-up. Run it in a child process (bench.run, CUDA_PEAKS): a CUDA
+    context left in the harness's process would hold GPU memory while llmkit trains, or keep llmkit off a GPU in
+    exclusive-process mode."""
     import torch
 
-    a = torch.randn(size, size, dtype=torch.bfloat16, device="cuda")
-    b = torch.randn(size, size, dtype=torch.bfloat16, device="cuda")
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    count, begun = 0, time.perf_counter()
-    start.record()
-    while time.perf_counter() - begun < seconds:
-        a @ b
-        count += 1
-    end.record()
-    torch.cuda.synchronize()
-    return {"gpu": torch.cuda.get_device_name(0),
-            "bf16": 2 * size ** 3 * count / (start.elapsed_time(end) / 1e3) / 1e9}
+    peaks: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0)}
+    dtypes = {"fp16": torch.float16}
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        dtypes["bf16"] = torch.bfloat16
+    for name, dtype in dtypes.items():
+        a, b = (torch.randn(size, size, dtype=dtype, device="cuda") for _ in range(2))
+        for _ in range(3):
+            a @ b
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        count, begun = 0, time.perf_counter()
+        start.record()
+        while time.perf_counter() - begun < seconds:
+            a @ b
+            count += 1
+        end.record()
+        torch.cuda.synchronize()
+        peaks[name] = 2 * size ** 3 * count / (start.elapsed_time(end) / 1e3) / 1e9
+    return peaks
+
+
+# `bench.run(label, CUDA_PEAKS)` prints cuda_peaks() as one JSON line
+CUDA_PEAKS = [PYTHON, "-c", "import json, sys; sys.path.insert(0, 'benchmarks'); import harness; "
+                            "print(json.dumps(harness.cuda_peaks()))"]
+
+# Dense bf16 / fp16 tensor-core peaks from the vendor's datasheets, GFLOP/s, by a part of the device's name (the
+# first that matches): MFU is usually quoted against these, which cuBLAS's products reach only in part.
+DATASHEET_PEAKS = (("H100 PCIe", 756_000), ("H100 NVL", 835_000), ("H100", 989_000), ("H200", 989_000),
+                   ("A100", 312_000))
+
+
+def datasheet_peak(gpu: str) -> float | None:
+    return next((peak for part, peak in DATASHEET_PEAKS if part in gpu), None)
 
 
 def json_line(text: str) -> dict[str, Any]:
@@ -342,7 +362,7 @@ def threshold(workload: str, measure: str, llmkit: float, unit: str, minimum: fl
     return Row(workload, measure, llmkit, reference, unit, "", "", f">= {shown}", llmkit >= minimum, note)
 
 
-def not_run(workload: str, measure: str, llmkit: float, unit: str, why: str) -> Row:
+def not_run(workload: str, measure: str, llmkit: float | None, unit: str, why: str) -> Row:
     """A comparison whose anchor could not run on this machine: llmkit's figure, no ratio, no goal."""
     return Row(workload, measure, llmkit, None, unit, goal="-", passed=None, note=why, skipped=True)
 

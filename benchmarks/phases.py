@@ -16,7 +16,9 @@ dispatch mode; a CPU's calls are synchronous) and the N dearest operations are p
 with the time, GFLOP and GFLOP/s of the matrix products (mm, addmm, bmm, baddbmm) and the sum over all operations,
 and the same products replayed alone in a tight loop (same shapes, layouts and dtypes; the best of three passes)
 beside the 1024^3 product peak measured then: what a step's floor is made of. The dispatch mode adds a few
-microseconds per call, so the phases above it read longer than without --ops.
+microseconds per call, so the phases above it read longer than without --ops. Attention through PyTorch's fused
+SDPA kernels counts among the other operations, not the products; a compiled model (--compile) shows its compiled
+graphs' calls, not these operations.
 Not part of `make bench`: it times pieces, not workloads.
 """
 
@@ -85,8 +87,10 @@ class OperationTimer(TorchDispatchMode):
 
         def made(spec):
             if isinstance(spec, tuple) and len(spec) == 3 and isinstance(spec[2], torch.dtype):
-                if spec not in tensors:
-                    tensors[spec] = torch.empty_strided(*spec[:2], dtype=spec[2]).normal_()
+                if spec not in tensors:  # strides may repeat elements (0 for an expanded gradient): fill a buffer
+                    shape, stride, dtype = spec
+                    size = 1 + sum((n - 1) * step for n, step in zip(shape, stride))
+                    tensors[spec] = torch.randn(size, dtype=dtype).as_strided(shape, stride)
                 return tensors[spec]
             return spec
 
@@ -102,7 +106,7 @@ class OperationTimer(TorchDispatchMode):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
-                                     usage="phases.py [--skip N] COMMAND [llmkit's arguments]")
+                                     usage="phases.py [--skip N] [--ops N] COMMAND [llmkit's arguments]")
     parser.add_argument("--skip", type=int, default=5, help="first steps left out (default 5)")
     parser.add_argument("--ops", type=int, default=0, metavar="N",
                         help="also time each PyTorch operation of the timed steps and print the N dearest")

@@ -24,8 +24,8 @@ def main() -> None:
         raise SystemExit("scikit-learn is not installed: pip install scikit-learn") from None
     missing = [name for name in ("train.jsonl", "eval.jsonl") if not (args.data / name).is_file()]
     if missing:
-        raise SystemExit(f"error: --data {args.data} has no {' or '.join(missing)}: run `make demo` first, or "
-                         f"recipes/shakespeare/prepare.py --output {args.data}")
+        raise SystemExit(f"--data {args.data} has no {' and no '.join(missing)}: run `make demo` first, or "
+                         f".venv/bin/python recipes/shakespeare/prepare.py --output {args.data}")
     train_texts, train_labels = read(args.data / "train.jsonl")
     eval_texts, eval_labels = read(args.data / "eval.jsonl")
     vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
