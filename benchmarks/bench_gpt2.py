@@ -22,8 +22,8 @@ The CUDA path has not run on a GPU yet (none was at hand when it was written).
 
 from __future__ import annotations
 
-from harness import (CUDA_PEAKS, DATA, LLMKIT, NO_EVAL_OR_CHECKPOINT, Bench, BenchError, Outcome, datasheet_peak,
-                     gemm_peaks, info, json_line, llmkit_tokenize, median, not_run, threshold, training_figures)
+from harness import (CUDA_PEAKS, DATA, LLMKIT, NO_EVAL_OR_CHECKPOINT, Bench, Outcome, datasheet_peak, gemm_peaks,
+                     info, json_line, llmkit_tokenize, median, not_run, precision_of, threshold, training_figures)
 
 WORKLOAD = "GPT-2 small pretraining (GPU)"
 CPU_ONLY = False  # this benchmark is the GPU's: llmkit sees the CUDA devices
@@ -52,6 +52,7 @@ def run(bench: Bench) -> Outcome:
                                   "--sample-by", "document"])
     runs: dict[str, dict] = {}
     peaks: list[dict] = []
+    trained: list[dict] = []  # every round's training figures
     for r in range(bench.rounds):
         mode = "compiled" if r % 2 else "eager"
         peaks.append(json_line(bench.run(f"GPU peak round {r + 1}", CUDA_PEAKS).stdout) if gpu else
@@ -64,13 +65,10 @@ def run(bench: Bench) -> Outcome:
                    *(["--compile"] if mode == "compiled" else []), *NO_EVAL_OR_CHECKPOINT,
                    "--validation-split", "0", "--overwrite", "--quiet"])
         figures = training_figures(output, "tokens_per_second")
+        trained.append(figures)
         runs.setdefault(mode, {"rounds": []})["rounds"].append(figures["rate"])
-        runs[mode].update(parameters=figures["parameters"], precision=figures["plan"]["precision"],
-                          timed_steps=figures["timed_steps"])
-    precisions = {figures["precision"] for figures in runs.values()}
-    if len(precisions) > 1:
-        raise BenchError(f"llmkit's rounds trained in different precisions ({', '.join(sorted(precisions))})")
-    precision = precisions.pop()
+        runs[mode].update(parameters=figures["parameters"], timed_steps=figures["timed_steps"])
+    precision = precision_of(trained)  # what auto picked, the same in every round
     device = peaks[0]["gpu"]
     # the highest reading in llmkit's precision (the lowest MFU); fp32 runs (no fast half precision) against fp32's
     peak = max(p.get(precision, 0.0) for p in peaks) or None
