@@ -383,7 +383,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
             corpus = pipeline.tokenize_corpus(data, tokenizer, validation_split=cfg.validation_split
                                               if use_held_out else 0.0, text_column=cfg.text_column,
                                               sample_by=cfg.sample_by, max_samples=cfg.max_samples,
-                                              cache_dir=cfg.cache_dir, trust_remote_code=cfg.trust_remote_code)
+                                              cache_dir=cfg.cache_dir, trust_remote_code=cfg.trust_remote_code,
+                                              flag=data_flag)
         stream = corpus.validation_stream() if use_held_out else corpus.stream("train")
         if stream is None:
             raise LlmkitError("no held-out text to score: pass --eval-data, or --split train")

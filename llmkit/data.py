@@ -92,9 +92,10 @@ class TokenizedCorpus:
 def tokenize_corpus(data: list[str], tokenizer, *, eval_data: list[str] | None = None,
                     validation_split: float = 0.0, text_column: str | None = None, sample_by: str = "paragraph",
                     max_samples: int | None = None, cache_dir: str | None = None, output: Path | None = None,
-                    trust_remote_code: bool = False) -> TokenizedCorpus:
-    """Tokenize documents into the cache (or `output`), or return the cached result for the same inputs."""
-    train_sources = src.resolve(data, "--data")
+                    trust_remote_code: bool = False, flag: str = "--data") -> TokenizedCorpus:
+    """Tokenize documents into the cache (or `output`), or return the cached result for the same inputs. `flag`
+    names `data` in errors (evaluate scores --eval-data through it)."""
+    train_sources = src.resolve(data, flag)
     eval_sources = src.resolve(eval_data or [], "--eval-data")
     tokenized = [s for s in train_sources if s.kind == "tokenized"]
     if tokenized:
@@ -127,11 +128,13 @@ def tokenize_corpus(data: list[str], tokenizer, *, eval_data: list[str] | None =
     start = time.perf_counter()
     with _tokenizing() as progress, building(final) as tmp:
         batches = src.iter_text_batches(train_sources, text_column, sample_by, trust_remote_code=trust_remote_code)
-        stats = _write_documents(batches, tokenizer, tmp, settings["validation_split"], max_samples, progress)
+        stats = _write_documents(batches, tokenizer, tmp, settings["validation_split"], max_samples, progress,
+                                 flag=flag)
         if eval_sources:
             eval_batches = src.iter_text_batches(eval_sources, text_column, sample_by,
                                                  trust_remote_code=trust_remote_code)
-            eval_stats = _write_documents(eval_batches, tokenizer, tmp, 0.0, None, progress, train_name="validation")
+            eval_stats = _write_documents(eval_batches, tokenizer, tmp, 0.0, None, progress, train_name="validation",
+                                          flag="--eval-data")
             stats.update(validation_documents=eval_stats["documents"], validation_tokens=eval_stats["tokens"])
         seconds = time.perf_counter() - start
         info = {"key": key, "tokenizer": fingerprint(tokenizer), "separator_id": separator_id(tokenizer),
@@ -175,7 +178,7 @@ def _remove_earlier_output(path: Path) -> None:
 
 
 def _write_documents(batches: Iterator[list[str]], tokenizer, directory: Path, validation_split: float,
-                     max_samples: int | None, progress=None, train_name: str = "train") -> dict:
+                     max_samples: int | None, progress=None, train_name: str = "train", flag: str = "--data") -> dict:
     import pyarrow as pa
 
     raw = untruncated(tokenizer)
@@ -217,7 +220,7 @@ def _write_documents(batches: Iterator[list[str]], tokenizer, directory: Path, v
         for writer in writers.values():
             writer.close()
     if counts["documents"] == 0:
-        raise LlmkitError("the data holds no text: check --data (and --text-column)")
+        raise LlmkitError(f"the data holds no text: check {flag} (and --text-column)")
     return counts
 
 

@@ -148,6 +148,10 @@ CASES = [
          "--eval-data {tmp}/missing.txt does not exist"),
     case("missing-data-evaluate-lm", "evaluate --model {clm} --data {tmp}/missing.txt --split train", 2,
          "--data {tmp}/missing.txt does not exist"),
+    case("blank-eval-data-pretrain", "pretrain " + TRAIN + " --eval-data {bad}/blank.txt", 1,
+         "holds no text: check --eval-data"),
+    case("blank-eval-data-evaluate-lm", "evaluate --model {clm} --eval-data {bad}/blank.txt", 1,
+         "holds no text: check --eval-data"),
     case("evaluate-without-data", "evaluate --model {cls}", 2, "give the data to score"),
     case("classify-without-texts", "classify --model {cls}", 2, "nothing to classify"),
     case("classify-missing-file", "classify --model {cls} --file {tmp}/missing.txt", 2, "missing.txt does not exist"),
@@ -179,6 +183,7 @@ def bad_files(tmp_path_factory) -> Path:
     (d / "no-data").mkdir()
     (d / "no-data" / "notes.bin").write_bytes(b"\x00")
     (d / "header-only.csv").write_text("text,label\n")
+    (d / "blank.txt").write_text("\n   \n\n")  # not empty, but no text
     (d / "no-text.csv").write_text("body,label\ngood,1\nbad,0\n")
     (d / "corrupt.parquet").write_bytes(b"PAR1" + b"\x15\x04not parquet at all" * 8 + b"PAR1")
     (d / "no-label.csv").write_text("text,stars\ngood,1\nbad,0\nfine,1\n")
