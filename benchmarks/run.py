@@ -1,6 +1,6 @@
 """llmkit against the Hugging Face anchors (../shared/anchors), side by side: one table, one JSON file.
 
-    .venv/bin/python benchmarks/run.py                      # everything (make bench), 40-55 minutes
+    .venv/bin/python benchmarks/run.py                      # everything (make bench), 30-55 minutes on 2 cores
     .venv/bin/python benchmarks/run.py --only clm,classify  # some of it
     .venv/bin/python benchmarks/run.py --quick              # a check of the harness: tiny runs, figures meaningless
 
