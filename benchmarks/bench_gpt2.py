@@ -67,13 +67,13 @@ def run(bench: Bench) -> Outcome:
         figures = training_figures(output, "tokens_per_second")
         trained.append(figures)
         runs.setdefault(mode, {"rounds": []})["rounds"].append(figures["rate"])
-        runs[mode].update(parameters=figures["parameters"], timed_steps=figures["timed_steps"])
+        runs[mode]["timed_steps"] = figures["timed_steps"]
     precision = precision_of(trained)  # what auto picked, the same in every round
     device = peaks[0]["gpu"]
     # the highest reading in llmkit's precision (the lowest MFU); fp32 runs (no fast half precision) against fp32's
     peak = max(p.get(precision, 0.0) for p in peaks) or None
     datasheet = datasheet_peak(device) if gpu and precision in ("bf16", "fp16") else None
-    parameters = next(iter(runs.values()))["parameters"]
+    parameters = trained[0]["parameters"]
     flops_per_token = 6 * parameters + 12 * LAYERS * HIDDEN * block  # anchor_clm.py's estimate
     for figures in runs.values():
         figures["tokens_per_s"] = median(figures["rounds"])

@@ -110,7 +110,7 @@ def tokenize_corpus(data: list[str], tokenizer, *, eval_data: list[str] | None =
         if eval_sources:  # held-out text given separately: tokenize it on its own
             corpus.eval_corpus = tokenize_corpus(
                 eval_data, tokenizer, text_column=text_column, sample_by=sample_by, cache_dir=cache_dir,
-                trust_remote_code=trust_remote_code)
+                trust_remote_code=trust_remote_code, flag="--eval-data")
         return corpus
     settings = {"text_column": text_column, "sample_by": sample_by, "max_samples": max_samples,
                 "validation_split": 0.0 if eval_sources else validation_split}

@@ -150,6 +150,8 @@ CASES = [
          "--data {tmp}/missing.txt does not exist"),
     case("blank-eval-data-pretrain", "pretrain " + TRAIN + " --eval-data {bad}/blank.txt", 1,
          "holds no text: check --eval-data"),
+    case("blank-eval-data-pretokenized", "pretrain --data {tok} --block-size 64 --output {out} --eval-data "
+         "{bad}/blank.txt", 1, "holds no text: check --eval-data"),
     case("blank-eval-data-evaluate-lm", "evaluate --model {clm} --eval-data {bad}/blank.txt", 1,
          "holds no text: check --eval-data"),
     case("evaluate-without-data", "evaluate --model {cls}", 2, "give the data to score"),
